@@ -1,0 +1,93 @@
+-- SQL-language parts of the API: reads, status, and grants. Runs after the Rust functions exist.
+
+CREATE FUNCTION ep_stream_version(stream_id text) RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT COALESCE((SELECT s.version FROM ep.streams s WHERE s.stream_id = $1), 0) $$;
+COMMENT ON FUNCTION ep_stream_version(text) IS 'Number of events in the stream (0 when it does not exist).';
+
+CREATE FUNCTION ep_read_stream(stream_id text, from_position bigint DEFAULT 1, max_count int DEFAULT 1000)
+RETURNS SETOF ep.events
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF stream_id IS NULL THEN
+        RAISE EXCEPTION 'stream_id must not be NULL' USING ERRCODE = '22004';
+    ELSIF from_position IS NULL OR from_position < 1 THEN
+        RAISE EXCEPTION 'invalid from_position: % (stream positions start at 1)', from_position USING ERRCODE = '22023';
+    ELSIF max_count IS NULL OR max_count < 1 THEN
+        RAISE EXCEPTION 'invalid max_count: % (must be at least 1)', max_count USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+        SELECT e.* FROM ep.events e
+        WHERE e.stream_id = ep_read_stream.stream_id AND e.stream_position >= from_position
+        ORDER BY e.stream_position LIMIT max_count;
+END $$;
+COMMENT ON FUNCTION ep_read_stream(text, bigint, int) IS 'Events of one stream from a stream position, in stream order.';
+
+CREATE FUNCTION ep_read_all(after_position bigint DEFAULT 0, max_count int DEFAULT 1000)
+RETURNS SETOF ep.events
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF after_position IS NULL OR after_position < 0 THEN
+        RAISE EXCEPTION 'invalid after_position: % (must be 0 or more)', after_position USING ERRCODE = '22023';
+    ELSIF max_count IS NULL OR max_count < 1 THEN
+        RAISE EXCEPTION 'invalid max_count: % (must be at least 1)', max_count USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+        SELECT e.* FROM ep.events e WHERE e.global_position > after_position
+        ORDER BY e.global_position LIMIT max_count;
+END $$;
+COMMENT ON FUNCTION ep_read_all(bigint, int) IS
+  'Committed events after a global position, in global order. Positions can have gaps (rolled-back appends), and an event can commit after a later position is visible: use an async projection for gap-free delivery.';
+
+CREATE VIEW ep.projection_status AS
+SELECT p.name,
+       p.mode,
+       p.status,
+       p.event_types,
+       p.read_model_schema,
+       p.handler,
+       p.owner,
+       r.id                                       AS rebuild_id,
+       r.strategy                                 AS rebuild_strategy,
+       r.status                                   AS rebuild_status,
+       r.phase                                    AS rebuild_phase,
+       r.events_done                              AS rebuild_events_done,
+       r.events_total                             AS rebuild_events_total,
+       CASE WHEN r.events_total > 0
+            THEN round(100.0 * LEAST(r.events_done, r.events_total) / r.events_total, 1) END AS rebuild_progress_pct,
+       CASE WHEN r.status = 'running' AND r.events_done > 0 AND r.events_total > r.events_done
+            THEN (clock_timestamp() - r.started_at) * ((r.events_total - r.events_done)::float8 / r.events_done) END
+                                                  AS rebuild_eta,
+       r.error                                    AS rebuild_error,
+       CASE WHEN p.mode = 'async' THEN p.position END AS position,
+       head.position                              AS head_position,
+       CASE WHEN p.mode = 'async' THEN
+           (SELECT count(*) FROM ep.events e
+             WHERE e.global_position > p.position
+               AND (p.event_types IS NULL OR e.event_type = ANY (p.event_types))) END AS lag_events,
+       CASE WHEN p.mode = 'async' THEN
+           COALESCE(extract(epoch FROM clock_timestamp() -
+               (SELECT e.created_at FROM ep.events e
+                 WHERE e.global_position > p.position
+                   AND (p.event_types IS NULL OR e.event_type = ANY (p.event_types))
+                 ORDER BY e.global_position LIMIT 1))::float8, 0) END AS lag_seconds,
+       p.attempts,
+       p.failing_position,
+       p.last_error,
+       p.last_error_at,
+       p.last_applied_at
+FROM ep.projections p
+CROSS JOIN (SELECT max(global_position) AS position FROM ep.events) head
+LEFT JOIN LATERAL (
+    SELECT * FROM ep.rebuilds r
+     WHERE r.projection_id = p.id
+     ORDER BY (r.status IN ('queued', 'running')) DESC, r.id DESC
+     LIMIT 1) r ON true;
+COMMENT ON VIEW ep.projection_status IS
+  'One row per projection: mode, status, the current (or last) rebuild with progress and an estimate of the time left, async lag, and the last error.';
+GRANT SELECT ON ep.projection_status TO PUBLIC;

@@ -1,0 +1,110 @@
+-- The catalog of event_projections: the event log, the streams, the projection registry and the
+-- rebuild queue. Everything lives in schema `ep`; the ep_* functions live in the extension's
+-- schema (public by default) so they are callable unqualified.
+--
+-- Nobody but the extension owner may write these tables: the ep_* functions switch to the owner
+-- for their own writes, and a guard trigger keeps the log append-only even for the owner.
+
+CREATE SCHEMA ep;
+GRANT USAGE ON SCHEMA ep TO PUBLIC;
+
+-- Global positions. CACHE 1 matters: the in-flight horizon (DESIGN.md, "The high-water mark")
+-- reads last_value and must see every position handed out.
+CREATE SEQUENCE ep.global_position_seq AS bigint CACHE 1;
+
+CREATE TABLE ep.events (
+    global_position bigint      NOT NULL PRIMARY KEY,
+    stream_id       text        NOT NULL,
+    stream_position bigint      NOT NULL,
+    event_type      text        NOT NULL,
+    data            jsonb       NOT NULL,
+    metadata        jsonb,
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    CONSTRAINT events_stream_position_key UNIQUE (stream_id, stream_position),
+    CONSTRAINT events_stream_position_check CHECK (stream_position >= 1)
+);
+COMMENT ON TABLE ep.events IS
+  'The event log (append-only; write with ep_append / ep_append_events). Its row type is the value handed to projection handlers.';
+
+-- One row per stream: the row lock serializes writers of one stream, and `version` makes the
+-- expected-version check O(1).
+CREATE TABLE ep.streams (
+    stream_id text   NOT NULL PRIMARY KEY,
+    version   bigint NOT NULL CHECK (version >= 1)
+);
+
+CREATE SEQUENCE ep.projection_id_seq AS integer;
+
+CREATE TABLE ep.projections (
+    id                 integer     NOT NULL PRIMARY KEY DEFAULT pg_catalog.nextval('ep.projection_id_seq'),
+    name               text        NOT NULL UNIQUE,
+    handler            regprocedure NOT NULL,
+    batch              boolean     NOT NULL,  -- the handler takes ep.events[] instead of ep.events
+    mode               text        NOT NULL CHECK (mode IN ('inline', 'async')),
+    event_types        text[],                -- NULL: every type
+    read_model_schema  text,
+    owner              regrole     NOT NULL,  -- handlers run as this role, everywhere
+    search_path        text        NOT NULL,  -- the registering session's path, after read_model_schema
+    status             text        NOT NULL CHECK (status IN ('active', 'rebuilding', 'stale', 'failed')),
+    -- Bumped by every hand-off (status flip, schema or handler switch). A REPEATABLE READ append
+    -- whose snapshot cannot see the current generation of an active projection gets 40001.
+    generation         bigint      NOT NULL DEFAULT 1,
+    -- Async delivery: every event at or below `position` has been delivered.
+    position           bigint      NOT NULL DEFAULT 0,
+    attempts           integer     NOT NULL DEFAULT 0,
+    failing_position   bigint,
+    last_error         text,
+    last_error_at      timestamptz,
+    last_applied_at    timestamptz,
+    registered_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+CREATE SEQUENCE ep.rebuild_id_seq AS bigint;
+
+CREATE TABLE ep.rebuilds (
+    id               bigint      NOT NULL PRIMARY KEY DEFAULT pg_catalog.nextval('ep.rebuild_id_seq'),
+    projection_id    integer     NOT NULL,
+    projection       text        NOT NULL,
+    strategy         text        NOT NULL CHECK (strategy IN ('in_place', 'blue_green')),
+    status           text        NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+    -- queued -> started (read model emptied / copy created) -> replaying -> done
+    phase            text        NOT NULL DEFAULT 'queued',
+    new_handler      regprocedure,
+    setup_function   regprocedure,
+    build_schema     text,
+    previous_schema  text,
+    checkpoint       bigint      NOT NULL DEFAULT 0,
+    events_done      bigint      NOT NULL DEFAULT 0,
+    events_total     bigint,
+    cancel_requested boolean     NOT NULL DEFAULT false,
+    requested_by     regrole     NOT NULL,
+    queued_at        timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    attempts         integer     NOT NULL DEFAULT 0,
+    error            text
+);
+-- At most one rebuild per projection is queued or running.
+CREATE UNIQUE INDEX rebuilds_one_open ON ep.rebuilds (projection_id) WHERE status IN ('queued', 'running');
+
+-- Async events skipped on purpose with ep_skip_event: the record the issue asks for.
+CREATE TABLE ep.skipped_events (
+    projection      text        NOT NULL,
+    global_position bigint      NOT NULL,
+    error           text,
+    skipped_by      regrole     NOT NULL,
+    skipped_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (projection, global_position)
+);
+
+-- Dump and restore: extension tables are skipped by pg_dump unless registered here.
+SELECT pg_catalog.pg_extension_config_dump('ep.events', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.streams', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.projections', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.rebuilds', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.skipped_events', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.global_position_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.projection_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.rebuild_id_seq', '');
+
+GRANT SELECT ON ep.events, ep.streams, ep.projections, ep.rebuilds, ep.skipped_events TO PUBLIC;

@@ -1,0 +1,141 @@
+//! The SQL entry points: argument mapping only. Each function hands its arguments to the module
+//! that owns the behaviour and raises that module's error with its SQLSTATE.
+
+use crate::error::OrRaise;
+use crate::types::{RawJsonb, RegProcedure};
+use crate::{log, registry};
+use pgrx::prelude::*;
+
+/// Appends one event; returns its global position.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_append(
+    stream_id: Option<&str>,
+    event_type: Option<&str>,
+    data: Option<RawJsonb>,
+    metadata: default!(Option<RawJsonb>, "NULL"),
+    expected_version: default!(Option<i64>, "NULL"),
+) -> i64 {
+    log::append_one(stream_id, event_type, data, metadata, expected_version).or_raise()
+}
+
+/// Appends a JSON array of `{"type", "data", "metadata"}` to one stream, all or nothing; returns
+/// the global position of the last event.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_append_events(
+    stream_id: Option<&str>,
+    events: Option<RawJsonb>,
+    expected_version: default!(Option<i64>, "NULL"),
+) -> i64 {
+    log::append_many(stream_id, events, expected_version).or_raise()
+}
+
+/// Registers a projection. Inline projections are built from the whole log before this returns.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_register_projection(
+    name: Option<&str>,
+    handler: Option<RegProcedure>,
+    mode: default!(Option<&str>, "'inline'"),
+    event_types: default!(Option<Vec<Option<String>>>, "NULL"),
+    read_model_schema: default!(Option<&str>, "NULL"),
+) {
+    registry::register(name, handler.map(|h| h.0), mode, event_types, read_model_schema).or_raise()
+}
+
+/// Removes a projection; its read-model tables are left alone.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_unregister_projection(name: Option<&str>) {
+    registry::unregister(name).or_raise()
+}
+
+#[pg_schema]
+mod ep {
+    use pgrx::prelude::*;
+
+    /// The guard of ep.events (statement level): see `log::guard`.
+    #[pg_trigger]
+    fn events_guard<'a>(
+        t: &'a PgTrigger<'a>,
+    ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
+        let op = match t.op() {
+            Ok(PgTriggerOperation::Insert) => "INSERT",
+            Ok(PgTriggerOperation::Update) => "UPDATE",
+            Ok(PgTriggerOperation::Delete) => "DELETE",
+            Ok(PgTriggerOperation::Truncate) => "TRUNCATE",
+            Err(_) => "this operation",
+        };
+        crate::log::guard(op);
+        Ok(None)
+    }
+
+    extension_sql!(
+        r#"
+CREATE TRIGGER events_guard BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON ep.events
+    FOR EACH STATEMENT EXECUTE FUNCTION ep.events_guard();
+"#,
+        name = "events_guard_trigger",
+        requires = ["schema", events_guard]
+    );
+}
+
+/// Queues a rebuild that the worker runs; returns its id (the id of the one already queued or
+/// running, if any). `new_handler` and `setup` are for 'blue_green'.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_rebuild(
+    projection: Option<&str>,
+    strategy: default!(Option<&str>, "'in_place'"),
+    new_handler: default!(Option<RegProcedure>, "NULL"),
+    setup: default!(Option<RegProcedure>, "NULL"),
+) -> i64 {
+    crate::rebuild::queue(projection, strategy, new_handler.map(|h| h.0), setup.map(|h| h.0)).or_raise()
+}
+
+/// Waits until the rebuild ends; returns 'done', 'failed' or 'cancelled'.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_rebuild_wait(
+    rebuild_id: Option<i64>,
+    timeout: default!(Option<pgrx::datum::Interval>, "'10 minutes'"),
+) -> String {
+    crate::rebuild::wait(rebuild_id, timeout).or_raise()
+}
+
+/// Cancels the projection's queued or running rebuild; returns its id, or NULL when there was none.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_cancel_rebuild(projection: Option<&str>) -> Option<i64> {
+    crate::rebuild::cancel(projection).or_raise()
+}
+
+/// Read-your-writes: true once every event up to `global_position` reached the projection.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_wait_for(
+    projection: Option<&str>,
+    global_position: Option<i64>,
+    timeout: default!(Option<pgrx::datum::Interval>, "'30 seconds'"),
+) -> bool {
+    crate::delivery::wait_for(projection, global_position, timeout).or_raise()
+}
+
+/// Resumes a stopped async projection (retries its failing event now).
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_retry_projection(projection: Option<&str>) {
+    crate::delivery::retry(projection).or_raise()
+}
+
+/// Skips the event a stopped async projection is failing on, recorded in ep.skipped_events.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_skip_event(projection: Option<&str>, global_position: Option<i64>) {
+    crate::delivery::skip(projection, global_position).or_raise()
+}
+
+/// True, or an error (55000) while the projection is not ready to be read; 40001 for a REPEATABLE
+/// READ transaction whose snapshot predates the projection's last hand-off. Call it in the query
+/// that reads the model: `SELECT ... FROM model WHERE ep_require_ready('p')`.
+#[pg_extern(stable, parallel_restricted)]
+fn ep_require_ready(projection: Option<&str>) -> bool {
+    crate::status::require_ready(projection).or_raise()
+}
+
+/// Whether the projection is ready to be read (its status is 'active').
+#[pg_extern(stable, parallel_restricted)]
+fn ep_projection_ready(projection: Option<&str>) -> bool {
+    crate::status::is_ready(projection).or_raise()
+}

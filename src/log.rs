@@ -1,0 +1,371 @@
+//! The event log: appends (DESIGN.md, section 2, steps A1..A11) and the guard that keeps
+//! `ep.events` append-only.
+
+use crate::catalog::{self, Catalog};
+use crate::error::{raise, required, required_text, ArgError, SqlError};
+use crate::handoff::{self, CrossedHandoff, Mode};
+use crate::inflight;
+use crate::registry::{self, Projection};
+use crate::spi::{self, Snap, Stmt};
+use crate::types::RawJsonb;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::fmt::Display;
+
+/// One event to append, as SQL gave it.
+pub struct NewEvent {
+    pub event_type: String,
+    pub data: pg_sys::Datum,
+    pub metadata: Option<pg_sys::Datum>,
+}
+
+#[derive(Debug)]
+pub enum LogError {
+    Arg(ArgError),
+    WrongExpectedVersion { stream: String, expected: i64, actual: i64 },
+}
+
+impl From<ArgError> for LogError {
+    fn from(e: ArgError) -> Self {
+        LogError::Arg(e)
+    }
+}
+
+impl Display for LogError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogError::Arg(e) => e.fmt(f),
+            LogError::WrongExpectedVersion { stream, expected, actual } => write!(
+                f,
+                "wrong expected version for stream \"{stream}\": expected {expected}, actual {actual}"
+            ),
+        }
+    }
+}
+
+impl SqlError for LogError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        match self {
+            LogError::Arg(e) => e.sqlstate(),
+            // A lost optimistic-concurrency race: re-read the stream and retry, as for any
+            // serialization failure.
+            LogError::WrongExpectedVersion { .. } => PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+        }
+    }
+    fn detail(&self) -> Option<String> {
+        match self {
+            LogError::WrongExpectedVersion { expected: 0, .. } => {
+                Some("expected_version 0 means the stream must not exist yet.".into())
+            }
+            LogError::WrongExpectedVersion { .. } => {
+                Some("Another writer appended to the stream since its version was read; nothing was written.".into())
+            }
+            _ => None,
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        match self {
+            LogError::WrongExpectedVersion { .. } => {
+                Some("Read the stream again, decide again, and retry with the new version (or pass NULL to append at any version).".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// True only while our own INSERT into ep.events runs: the guard trigger lets exactly that through.
+static mut APPENDING: bool = false;
+
+/// Sets APPENDING for its lifetime; an error unwinds through it and clears the flag.
+struct Appending;
+impl Appending {
+    fn start() -> Self {
+        unsafe { APPENDING = true };
+        Appending
+    }
+}
+impl Drop for Appending {
+    fn drop(&mut self) {
+        unsafe { APPENDING = false };
+    }
+}
+
+static UPSERT_STREAM: Stmt = Stmt {
+    sql: "INSERT INTO ep.streams AS s (stream_id, version) VALUES ($1, $2) \
+          ON CONFLICT (stream_id) DO UPDATE SET version = s.version + $2 RETURNING version",
+    types: &[pg_sys::TEXTOID, pg_sys::INT8OID],
+};
+
+static INSERT_ONE: Stmt = Stmt {
+    sql: "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata) \
+          VALUES ($1, $2, $3, $4, $5, $6) RETURNING e",
+    types: &[pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::JSONBOID],
+};
+
+static INSERT_MANY: Stmt = Stmt {
+    sql: "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata) \
+          SELECT u.p, $2, $3 + u.o, u.t, u.d, u.m \
+          FROM unnest($1::bigint[], $4::text[], $5::jsonb[], $6::jsonb[]) WITH ORDINALITY AS u(p, t, d, m, o) \
+          RETURNING e",
+    types: &[
+        pg_sys::INT8ARRAYOID,
+        pg_sys::TEXTOID,
+        pg_sys::INT8OID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::JSONBARRAYOID,
+        pg_sys::JSONBARRAYOID,
+    ],
+};
+
+fn next_position(cat: &Catalog) -> i64 {
+    unsafe {
+        pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[cat.position_seq.into_datum()])
+            .expect("nextval never returns NULL")
+    }
+}
+
+/// `ep_append`: one event.
+pub fn append_one(
+    stream: Option<&str>,
+    event_type: Option<&str>,
+    data: Option<RawJsonb>,
+    metadata: Option<RawJsonb>,
+    expected: Option<i64>,
+) -> Result<i64, LogError> {
+    let stream = required_text(stream, "stream_id")?;
+    let event_type = required_text(event_type, "event_type")?;
+    let data = required(data, "data")?;
+    let ev = NewEvent { event_type: event_type.into(), data: data.0, metadata: metadata.map(|m| m.0) };
+    append(stream, &[ev], expected)
+}
+
+static ELEMENTS: Stmt = Stmt {
+    sql: "SELECT a.o, pg_catalog.jsonb_typeof(a.e), pg_catalog.jsonb_typeof(a.e -> 'type'), a.e ->> 'type', a.e -> 'data', \
+                 CASE WHEN pg_catalog.jsonb_typeof(a.e -> 'metadata') = 'null' THEN NULL ELSE a.e -> 'metadata' END \
+          FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS a(e, o) ORDER BY a.o",
+    types: &[pg_sys::JSONBOID],
+};
+
+static TYPEOF: Stmt = Stmt { sql: "SELECT pg_catalog.jsonb_typeof($1)", types: &[pg_sys::JSONBOID] };
+
+/// `ep_append_events`: a JSON array of `{"type", "data", "metadata"}`, all or nothing.
+pub fn append_many(stream: Option<&str>, events: Option<RawJsonb>, expected: Option<i64>) -> Result<i64, LogError> {
+    let stream = required_text(stream, "stream_id")?;
+    let events = required(events, "events")?;
+    let invalid = |problem: String| LogError::Arg(ArgError::Invalid { arg: "events", problem });
+    let cxt = unsafe { pg_sys::CurrentMemoryContext };
+    let parsed: Result<Vec<NewEvent>, LogError> = Spi::connect(|_| {
+        let top: Option<String> = spi::exec(&TYPEOF, &[Some(events.0)], Snap::Fresh, 0).get(0, 1);
+        if top.as_deref() != Some("array") {
+            return Err(invalid(format!("expected a JSON array, got {}", top.unwrap_or_default())));
+        }
+        let rows = spi::exec(&ELEMENTS, &[Some(events.0)], Snap::Fresh, 0);
+        if rows.is_empty() {
+            return Err(invalid("the array is empty".into()));
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for i in 0..rows.len() {
+            let n: i64 = rows.get(i, 1).unwrap_or(0);
+            if rows.get::<String>(i, 2).as_deref() != Some("object") {
+                return Err(invalid(format!("element {n} is not an object")));
+            }
+            if rows.get::<String>(i, 3).as_deref() != Some("string") {
+                return Err(invalid(format!("element {n} has no \"type\" string")));
+            }
+            let event_type: String = rows.get(i, 4).unwrap_or_default();
+            if event_type.is_empty() {
+                return Err(invalid(format!("element {n} has an empty \"type\"")));
+            }
+            let Some(data) = rows.datum_in(i, 5, cxt) else {
+                return Err(invalid(format!("element {n} has no \"data\"")));
+            };
+            out.push(NewEvent { event_type, data, metadata: rows.datum_in(i, 6, cxt) });
+        }
+        Ok(out)
+    });
+    append(stream, &parsed?, expected)
+}
+
+fn check_expected(expected: Option<i64>) -> Result<(), ArgError> {
+    match expected {
+        Some(v) if v < 0 => Err(ArgError::Invalid {
+            arg: "expected_version",
+            problem: format!("{v} (expected NULL for any version, 0 for a new stream, or the stream's version)"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A2..A11 for validated input. Returns the global position of the last event.
+fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i64, LogError> {
+    check_expected(expected)?;
+    let cat = catalog::require();
+    let mut types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    types.sort_unstable();
+    types.dedup();
+
+    // A2..A5: the registry lock, the subscribed inline projections, their locks, their status.
+    handoff::lock(handoff::REGISTRY, Mode::Shared);
+    let mut projections = registry::subscribed_inline(&types);
+    if !projections.is_empty() {
+        for p in &projections {
+            handoff::lock(p.id as u32, Mode::Shared);
+        }
+        projections = registry::subscribed_inline(&types);
+    }
+    projections.retain(Projection::is_active);
+    // A6: a handler must not run on a snapshot that cannot see the hand-off it crossed.
+    if handoff::uses_transaction_snapshot() {
+        if let Some(p) = projections.iter().find(|p| !handoff::visible_to_transaction_snapshot(p.xmin)) {
+            raise(&CrossedHandoff { projection: p.name.clone() });
+        }
+    }
+
+    let n = events.len() as i64;
+    let cxt = unsafe { pg_sys::CurrentMemoryContext };
+    let written: Result<(Vec<pg_sys::Datum>, i64), LogError> = catalog::privileged(&cat, || {
+        Spi::connect(|_| {
+            // A7: the stream row lock, then the expected version, before any position is taken.
+            let version: i64 =
+                spi::exec(&UPSERT_STREAM, &[spi::text(stream), spi::int8(n)], Snap::Fresh, 0).get(0, 1).unwrap_or(n);
+            let before = version - n;
+            if let Some(exp) = expected {
+                if exp != before {
+                    return Err(LogError::WrongExpectedVersion { stream: stream.into(), expected: exp, actual: before });
+                }
+            }
+            // A8: announce, take the positions, publish the smallest.
+            inflight::begin_allocation();
+            let positions: Vec<i64> = (0..n).map(|_| next_position(&cat)).collect();
+            inflight::end_allocation(positions[0]);
+            // A9.
+            let appending = Appending::start();
+            let rows = if events.len() == 1 {
+                let e = &events[0];
+                spi::exec(
+                    &INSERT_ONE,
+                    &[
+                        spi::int8(positions[0]),
+                        spi::text(stream),
+                        spi::int8(before + 1),
+                        spi::text(&e.event_type),
+                        Some(e.data),
+                        e.metadata,
+                    ],
+                    Snap::Fresh,
+                    0,
+                )
+            } else {
+                let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+                let data: Vec<pg_sys::Datum> = events.iter().map(|e| e.data).collect();
+                let meta = metadata_array(events);
+                spi::exec(
+                    &INSERT_MANY,
+                    &[
+                        positions.clone().into_datum(),
+                        spi::text(stream),
+                        spi::int8(before),
+                        types.into_datum(),
+                        spi::varlena_array(&data, pg_sys::JSONBOID),
+                        meta,
+                    ],
+                    Snap::Fresh,
+                    0,
+                )
+            };
+            drop(appending);
+            let datums = (0..rows.len()).map(|i| rows.datum_in(i, 1, cxt).expect("RETURNING e")).collect();
+            Ok((datums, positions[positions.len() - 1]))
+        })
+    });
+    let (rows, last) = written?;
+
+    // A10: each active subscribed handler, in the append's transaction.
+    for p in &projections {
+        let mine: Vec<(pg_sys::Datum, &NewEvent, i64)> = rows
+            .iter()
+            .zip(events)
+            .enumerate()
+            .filter(|(_, (_, e))| p.event_types.as_ref().is_none_or(|t| t.iter().any(|t| *t == e.event_type)))
+            .map(|(i, (d, e))| (*d, e, last - n + 1 + i as i64))
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let h = p.live_handler();
+        if h.batch {
+            let arr = spi::composite_array(&mine.iter().map(|m| m.0).collect::<Vec<_>>(), cat.events_type);
+            let (first, lastp) = (mine[0].2, mine[mine.len() - 1].2);
+            h.call(arr, &|| format!("events {first}..{lastp} of stream \"{stream}\""));
+        } else {
+            for (d, e, pos) in &mine {
+                h.call(*d, &|| format!("event {pos} (stream \"{stream}\", type \"{}\")", e.event_type));
+            }
+        }
+    }
+    Ok(last)
+}
+
+fn metadata_array(events: &[NewEvent]) -> Option<pg_sys::Datum> {
+    let datums: Vec<pg_sys::Datum> = events.iter().map(|e| e.metadata.unwrap_or(pg_sys::Datum::from(0))).collect();
+    let mut nulls: Vec<bool> = events.iter().map(|e| e.metadata.is_none()).collect();
+    let mut dims = [datums.len() as i32];
+    let mut lbs = [1i32];
+    unsafe {
+        let arr = pg_sys::construct_md_array(
+            datums.as_ptr() as *mut pg_sys::Datum,
+            nulls.as_mut_ptr(),
+            1,
+            dims.as_mut_ptr(),
+            lbs.as_mut_ptr(),
+            pg_sys::JSONBOID,
+            -1,
+            false,
+            pg_sys::TYPALIGN_INT as std::ffi::c_char,
+        );
+        Some(pg_sys::Datum::from(arr))
+    }
+}
+
+#[derive(Debug)]
+pub struct AppendOnly {
+    op: &'static str,
+}
+
+impl Display for AppendOnly {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.op {
+            "INSERT" => write!(f, "ep.events is written only by ep_append and ep_append_events"),
+            op => write!(f, "ep.events is append-only: {op} is not allowed"),
+        }
+    }
+}
+
+impl SqlError for AppendOnly {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
+    }
+    fn hint(&self) -> Option<String> {
+        Some(match self.op {
+            "INSERT" => "Call ep_append(stream_id, event_type, data) instead.".into(),
+            _ => "Events are facts: append a compensating event instead. To start over, DROP EXTENSION event_projections.".into(),
+        })
+    }
+}
+
+/// The guard trigger (BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE, FOR EACH STATEMENT).
+/// An INSERT passes only from ep_append itself, or as the COPY of a restore (pg_dump writes the
+/// log as `COPY ep.events FROM stdin`; only the table owner may COPY into it).
+pub fn guard(op: &'static str) {
+    if op == "INSERT" && (unsafe { APPENDING } || in_copy()) {
+        return;
+    }
+    raise(&AppendOnly { op });
+}
+
+fn in_copy() -> bool {
+    unsafe {
+        let portal = pg_sys::ActivePortal;
+        !portal.is_null() && (*portal).commandTag == pg_sys::CommandTag::CMDTAG_COPY
+    }
+}

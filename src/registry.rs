@@ -1,0 +1,462 @@
+//! The projection registry: registration (a hand-off, DESIGN.md 3.1), unregistration, and the
+//! views of it that appends, rebuilds and the worker read.
+
+use crate::catalog::{self, Catalog};
+use crate::error::{required, required_text, ArgError, OrRaise, SqlError};
+use crate::handler::{self, Handler};
+use crate::handoff::{self, Mode};
+use crate::replay;
+use crate::spi::{self, Snap, Stmt};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::fmt::Display;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProjectionMode {
+    Inline,
+    Async,
+}
+
+impl ProjectionMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "inline" => Some(ProjectionMode::Inline),
+            "async" => Some(ProjectionMode::Async),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProjectionMode::Inline => "inline",
+            ProjectionMode::Async => "async",
+        }
+    }
+}
+
+/// One row of ep.projections, as the code needs it.
+#[derive(Clone, Debug)]
+pub struct Projection {
+    pub id: i32,
+    pub name: String,
+    pub handler: pg_sys::Oid,
+    pub batch: bool,
+    pub mode: ProjectionMode,
+    pub event_types: Option<Vec<String>>,
+    pub schema: Option<String>,
+    pub owner: pg_sys::Oid,
+    pub search_path: String,
+    pub status: String,
+    pub generation: i64,
+    pub position: i64,
+    /// xmin of the row version read: A6 checks it against the transaction snapshot.
+    pub xmin: u32,
+}
+
+impl Projection {
+    pub fn is_active(&self) -> bool {
+        self.status == "active"
+    }
+
+    /// The events this projection receives (inline projections never skip).
+    pub fn filter(&self) -> replay::Filter<'_> {
+        replay::Filter { types: self.event_types.as_ref(), skip: None }
+    }
+
+    /// The handler as it runs against the live read model.
+    pub fn live_handler(&self) -> Handler {
+        self.handler_for(self.handler, self.schema.as_deref())
+    }
+
+    /// The handler `function` running against the read model in `schema`.
+    pub fn handler_for(&self, function: pg_sys::Oid, schema: Option<&str>) -> Handler {
+        Handler {
+            projection: self.name.clone(),
+            function,
+            batch: takes_batch(function).unwrap_or(self.batch),
+            owner: self.owner,
+            search_path: handler::search_path_for(schema, &self.search_path),
+        }
+    }
+}
+
+/// Statement text with the column list `row_to_projection` reads, in its order.
+macro_rules! with_columns {
+    ($head:literal, $tail:literal) => {
+        concat!(
+            $head,
+            "id, name, handler::oid, batch, mode, event_types, read_model_schema, owner::oid, \
+             search_path, status, generation, position, xmin::text::bigint",
+            $tail
+        )
+    };
+}
+
+fn row_to_projection(rows: &spi::Rows, i: usize) -> Projection {
+    Projection {
+        id: rows.get(i, 1).unwrap_or(0),
+        name: rows.get(i, 2).unwrap_or_default(),
+        handler: rows.get(i, 3).unwrap_or(pg_sys::Oid::INVALID),
+        batch: rows.get(i, 4).unwrap_or(false),
+        mode: rows.get::<String>(i, 5).and_then(|m| ProjectionMode::parse(&m)).unwrap_or(ProjectionMode::Inline),
+        event_types: rows.get(i, 6),
+        schema: rows.get(i, 7),
+        owner: rows.get(i, 8).unwrap_or(pg_sys::Oid::INVALID),
+        search_path: rows.get(i, 9).unwrap_or_default(),
+        status: rows.get(i, 10).unwrap_or_default(),
+        generation: rows.get(i, 11).unwrap_or(0),
+        position: rows.get(i, 12).unwrap_or(0),
+        xmin: rows.get::<i64>(i, 13).unwrap_or(0) as u32,
+    }
+}
+
+static SUBSCRIBED_INLINE: Stmt = Stmt {
+    sql: with_columns!(
+        "SELECT ",
+        " FROM ep.projections WHERE mode = 'inline' AND (event_types IS NULL OR event_types && $1) ORDER BY id"
+    ),
+    types: &[pg_sys::TEXTARRAYOID],
+};
+
+static BY_NAME: Stmt = Stmt {
+    sql: with_columns!("SELECT ", " FROM ep.projections WHERE name = $1"),
+    types: &[pg_sys::TEXTOID],
+};
+
+static BY_ID: Stmt = Stmt {
+    sql: with_columns!("SELECT ", " FROM ep.projections WHERE id = $1"),
+    types: &[pg_sys::INT4OID],
+};
+
+static ALL: Stmt = Stmt {
+    sql: with_columns!("SELECT ", " FROM ep.projections ORDER BY id"),
+    types: &[],
+};
+
+
+fn collect(rows: &spi::Rows) -> Vec<Projection> {
+    (0..rows.len()).map(|i| row_to_projection(rows, i)).collect()
+}
+
+/// A3/A5: the inline projections subscribed to any of `types`, read with a snapshot taken now.
+pub fn subscribed_inline(types: &[&str]) -> Vec<Projection> {
+    Spi::connect(|_| collect(&spi::exec(&SUBSCRIBED_INLINE, &[types.to_vec().into_datum()], Snap::Latest, 0)))
+}
+
+/// A projection by name, read with a snapshot taken now.
+pub fn by_name(name: &str) -> Option<Projection> {
+    Spi::connect(|_| collect(&spi::exec(&BY_NAME, &[spi::text(name)], Snap::Latest, 0)).into_iter().next())
+}
+
+/// A projection by id, read with a snapshot taken now.
+pub fn by_id(id: i32) -> Option<Projection> {
+    Spi::connect(|_| collect(&spi::exec(&BY_ID, &[id.into_datum()], Snap::Latest, 0)).into_iter().next())
+}
+
+/// Every projection, read with a snapshot taken now.
+pub fn all() -> Vec<Projection> {
+    Spi::connect(|_| collect(&spi::exec(&ALL, &[], Snap::Latest, 0)))
+}
+
+/// Whether the handler takes `ep.events[]` (Some(true)), `ep.events` (Some(false)), or neither.
+pub fn takes_batch(function: pg_sys::Oid) -> Option<bool> {
+    let cat = catalog::lookup()?;
+    let (args, _, _, _) = signature(function)?;
+    let events_array = unsafe { pg_sys::get_array_type(cat.events_type) };
+    match args.as_slice() {
+        [t] if *t == cat.events_type => Some(false),
+        [t] if *t == events_array => Some(true),
+        _ => None,
+    }
+}
+
+/// (argument types, return type, volatility, kind) of a function.
+fn signature(function: pg_sys::Oid) -> Option<(Vec<pg_sys::Oid>, pg_sys::Oid, u8, u8)> {
+    Spi::connect(|c| {
+        let t = c
+            .select(
+                "SELECT proargtypes::oid[], prorettype, provolatile::text, prokind::text \
+                 FROM pg_catalog.pg_proc WHERE oid = $1",
+                None,
+                &[function.into()],
+            )
+            .ok()?;
+        let row = t.first();
+        let args: Vec<pg_sys::Oid> = row.get::<Vec<pg_sys::Oid>>(1).ok().flatten()?;
+        let ret: pg_sys::Oid = row.get(2).ok().flatten()?;
+        let vol: String = row.get(3).ok().flatten()?;
+        let kind: String = row.get(4).ok().flatten()?;
+        Some((args, ret, vol.bytes().next()?, kind.bytes().next()?))
+    })
+}
+
+#[derive(Debug)]
+pub enum RegistryError {
+    Arg(ArgError),
+    Exists(String),
+    Unknown(String),
+    BadHandler { handler: String, problem: String },
+    NoExecute { handler: String },
+    NoSchema(String),
+    NoSchemaUsage(String),
+    NotOwner { projection: String },
+}
+
+impl From<ArgError> for RegistryError {
+    fn from(e: ArgError) -> Self {
+        RegistryError::Arg(e)
+    }
+}
+
+impl Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegistryError::Arg(e) => e.fmt(f),
+            RegistryError::Exists(n) => write!(f, "projection \"{n}\" already exists"),
+            RegistryError::Unknown(n) => write!(f, "projection \"{n}\" does not exist"),
+            RegistryError::BadHandler { handler, problem } => {
+                write!(f, "function {handler} cannot be a projection handler: {problem}")
+            }
+            RegistryError::NoExecute { handler } => write!(f, "permission denied for function {handler}"),
+            RegistryError::NoSchema(s) => write!(f, "schema \"{s}\" does not exist"),
+            RegistryError::NoSchemaUsage(s) => write!(f, "permission denied for schema {s}"),
+            RegistryError::NotOwner { projection } => {
+                write!(f, "must be the owner of projection \"{projection}\" (or a member of its owner role)")
+            }
+        }
+    }
+}
+
+impl SqlError for RegistryError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            RegistryError::Arg(e) => e.sqlstate(),
+            RegistryError::Exists(_) => ERRCODE_DUPLICATE_OBJECT,
+            RegistryError::Unknown(_) => ERRCODE_UNDEFINED_OBJECT,
+            RegistryError::BadHandler { .. } => ERRCODE_INVALID_FUNCTION_DEFINITION,
+            RegistryError::NoExecute { .. } | RegistryError::NoSchemaUsage(_) | RegistryError::NotOwner { .. } => {
+                ERRCODE_INSUFFICIENT_PRIVILEGE
+            }
+            RegistryError::NoSchema(_) => ERRCODE_INVALID_SCHEMA_NAME,
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        match self {
+            RegistryError::Exists(n) => Some(format!("Choose another name, or SELECT ep_unregister_projection('{n}') first.")),
+            RegistryError::Unknown(_) => Some("SELECT name FROM ep.projections lists the registered projections.".into()),
+            RegistryError::BadHandler { .. } => Some(
+                "A handler is a VOLATILE function (ep.events) RETURNS void, or (ep.events[]) RETURNS void to receive batches.".into(),
+            ),
+            RegistryError::NoSchema(s) => Some(format!("CREATE SCHEMA {} and its read-model tables first.", handler::quote_ident(s))),
+            _ => None,
+        }
+    }
+}
+
+/// Checks that `function` can be a handler, returning whether it takes batches.
+pub fn validate_handler(cat: &Catalog, function: pg_sys::Oid, caller: pg_sys::Oid) -> Result<bool, RegistryError> {
+    let name = handler::regprocedure_text(function);
+    let bad = |problem: &str| RegistryError::BadHandler { handler: name.clone(), problem: problem.into() };
+    let (args, ret, volatility, kind) = signature(function).ok_or_else(|| bad("it does not exist"))?;
+    if kind != b'f' {
+        return Err(bad("it is not a plain function"));
+    }
+    let events_array = unsafe { pg_sys::get_array_type(cat.events_type) };
+    let batch = match args.as_slice() {
+        [t] if *t == cat.events_type => false,
+        [t] if *t == events_array => true,
+        _ => return Err(bad("it must take exactly one argument of type ep.events or ep.events[]")),
+    };
+    if ret != pg_sys::VOIDOID {
+        return Err(bad("it must return void"));
+    }
+    if volatility != b'v' {
+        // A STABLE or IMMUTABLE function reads with the caller's snapshot, taken before the
+        // hand-off lock was granted, and may not write at all.
+        return Err(bad("it must be VOLATILE"));
+    }
+    if !catalog::may_execute(caller, function) {
+        return Err(RegistryError::NoExecute { handler: name });
+    }
+    Ok(batch)
+}
+
+fn validate_schema(schema: &str, caller: pg_sys::Oid) -> Result<(), RegistryError> {
+    let cname = std::ffi::CString::new(schema).map_err(|_| ArgError::Invalid {
+        arg: "read_model_schema",
+        problem: "contains a NUL byte".into(),
+    })?;
+    let nsp = unsafe { pg_sys::get_namespace_oid(cname.as_ptr(), true) };
+    if nsp == pg_sys::Oid::INVALID {
+        return Err(RegistryError::NoSchema(schema.into()));
+    }
+    if !catalog::may_use_schema(caller, nsp) {
+        return Err(RegistryError::NoSchemaUsage(schema.into()));
+    }
+    Ok(())
+}
+
+fn validate_event_types(types: &Option<Vec<Option<String>>>) -> Result<Option<Vec<String>>, ArgError> {
+    let Some(types) = types else { return Ok(None) };
+    let mut out = Vec::with_capacity(types.len());
+    for t in types {
+        match t {
+            None => return Err(ArgError::Invalid { arg: "event_types", problem: "an element is NULL".into() }),
+            Some(s) if s.is_empty() => {
+                return Err(ArgError::Invalid { arg: "event_types", problem: "an element is empty".into() })
+            }
+            Some(s) => out.push(s.clone()),
+        }
+    }
+    if out.is_empty() {
+        return Err(ArgError::Invalid {
+            arg: "event_types",
+            problem: "the array is empty (use NULL to subscribe to every type)".into(),
+        });
+    }
+    Ok(Some(out))
+}
+
+fn current_search_path() -> String {
+    unsafe {
+        let p = pg_sys::GetConfigOptionByName(c"search_path".as_ptr(), std::ptr::null_mut(), false);
+        if p.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+static INSERT: Stmt = Stmt {
+    sql: "INSERT INTO ep.projections (name, handler, batch, mode, event_types, read_model_schema, owner, search_path, status) \
+          VALUES ($1, $2::oid::regprocedure, $3, $4, $5, $6, $7::oid::regrole, $8, 'active') RETURNING id",
+    types: &[
+        pg_sys::TEXTOID,
+        pg_sys::OIDOID,
+        pg_sys::BOOLOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::TEXTOID,
+        pg_sys::OIDOID,
+        pg_sys::TEXTOID,
+    ],
+};
+
+/// The batch size of replays and async delivery (`event_projections.batch_size`).
+pub fn batch_size() -> i64 {
+    crate::settings::batch_size() as i64
+}
+
+/// `ep_register_projection`. For an inline projection this is the hand-off G1..G3: the registry
+/// lock EXCLUSIVE, then the whole committed log replayed through the handler.
+pub fn register(
+    name: Option<&str>,
+    function: Option<pg_sys::Oid>,
+    mode: Option<&str>,
+    event_types: Option<Vec<Option<String>>>,
+    schema: Option<&str>,
+) -> Result<(), RegistryError> {
+    let cat = catalog::require();
+    let name = required_text(name, "name")?;
+    let function = required(function, "handler")?;
+    let mode_text = required_text(mode, "mode")?;
+    let mode = ProjectionMode::parse(mode_text).ok_or_else(|| ArgError::Invalid {
+        arg: "mode",
+        problem: format!("\"{mode_text}\" (expected 'inline' or 'async')"),
+    })?;
+    let event_types = validate_event_types(&event_types)?;
+    if let Some("") = schema {
+        return Err(ArgError::Empty("read_model_schema").into());
+    }
+    let caller = catalog::current_user();
+    let batch = validate_handler(&cat, function, caller)?;
+    if mode == ProjectionMode::Async {
+        if let Err(e) = crate::rebuild::require_worker() {
+            crate::error::raise(&e);
+        }
+    }
+    if let Some(s) = schema {
+        validate_schema(s, caller)?;
+    }
+
+    if mode == ProjectionMode::Inline {
+        // G1: every append that read the projection list has ended; later ones wait for us.
+        handoff::lock(handoff::REGISTRY, Mode::Exclusive);
+    }
+    if by_name(name).is_some() {
+        return Err(RegistryError::Exists(name.into()));
+    }
+    let search_path = current_search_path();
+    let id: i32 = catalog::privileged(&cat, || {
+        Spi::connect(|_| {
+            let rows = spi::exec(
+                &INSERT,
+                &[
+                    spi::text(name),
+                    function.into_datum(),
+                    batch.into_datum(),
+                    spi::text(mode.as_str()),
+                    event_types.clone().into_datum(),
+                    schema.and_then(spi::text),
+                    caller.into_datum(),
+                    spi::text(&search_path),
+                ],
+                Snap::Fresh,
+                0,
+            );
+            rows.get(0, 1).unwrap_or(0)
+        })
+    });
+    crate::inflight::bump_epoch_at_commit();
+
+    if mode == ProjectionMode::Inline {
+        // G3: all appends that could have missed the projection have ended; replay what committed.
+        let p = by_id(id).ok_or_else(|| RegistryError::Unknown(name.into()))?;
+        let h = p.live_handler();
+        let mut after = 0;
+        loop {
+            let a = replay::apply(&h, p.filter(), cat.events_type, after, i64::MAX, batch_size(), Snap::Latest);
+            after = a.last;
+            if a.exhausted {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `ep_unregister_projection`: the projection's handler never runs again once this commits.
+pub fn unregister(name: Option<&str>) -> Result<(), RegistryError> {
+    let cat = catalog::require();
+    let name = required_text(name, "name")?;
+    let p = by_name(name).ok_or_else(|| RegistryError::Unknown(name.into()))?;
+    if !catalog::acts_for(catalog::current_user(), p.owner) {
+        return Err(RegistryError::NotOwner { projection: name.into() });
+    }
+    // The registry lock orders this against appends reading the list; the projection lock waits
+    // for appends that are running its handler right now.
+    handoff::lock(handoff::REGISTRY, Mode::Exclusive);
+    handoff::lock(p.id as u32, Mode::Exclusive);
+    catalog::privileged(&cat, || {
+        Spi::connect(|_| {
+            spi::exec(
+                &Stmt {
+                    sql: "WITH r AS (DELETE FROM ep.rebuilds WHERE projection_id = $1) \
+                          DELETE FROM ep.projections WHERE id = $1",
+                    types: &[pg_sys::INT4OID],
+                },
+                &[p.id.into_datum()],
+                Snap::Fresh,
+                0,
+            );
+        })
+    });
+    crate::inflight::bump_epoch_at_commit();
+    Ok(())
+}
+
+/// The projection, or the error that names it.
+pub fn require(name: &str) -> Projection {
+    by_name(name).ok_or_else(|| RegistryError::Unknown(name.into())).or_raise()
+}

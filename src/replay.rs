@@ -1,0 +1,93 @@
+//! Applying a range of the log to a projection, in global order, through its handler. Shared by
+//! the registration build (G3), rebuild replays and hand-offs (R1..Rf, B1..Bf) and async delivery.
+//! Global order implies stream order: a stream's writers are serialized by its row in ep.streams
+//! and take their positions while holding it.
+
+use crate::handler::Handler;
+use crate::spi::{self, Snap, Stmt};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+static RANGE: Stmt = Stmt {
+    sql: "SELECT e, e.global_position FROM ep.events e \
+          WHERE e.global_position > $1 AND e.global_position <= $2 \
+            AND ($3::text[] IS NULL OR e.event_type = ANY ($3)) \
+            AND ($5::bigint[] IS NULL OR e.global_position <> ALL ($5)) \
+          ORDER BY e.global_position LIMIT $4",
+    types: &[pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::TEXTARRAYOID, pg_sys::INT8OID, pg_sys::INT8ARRAYOID],
+};
+
+thread_local! {
+    /// Position of the event (first event of the batch) last handed to a handler: after an error,
+    /// the event that failed.
+    static ATTEMPTED: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+}
+
+/// The event last handed to a handler by `apply`.
+pub fn last_attempted() -> i64 {
+    ATTEMPTED.with(|c| c.get())
+}
+
+/// What one `apply` call did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Applied {
+    /// Events handed to the handler.
+    pub events: i64,
+    /// Position of the last event applied (or `after` if none).
+    pub last: i64,
+    /// True when fewer than `limit` events matched: the range is exhausted.
+    pub exhausted: bool,
+}
+
+/// Which events of the log a projection receives.
+#[derive(Clone, Copy, Debug)]
+pub struct Filter<'a> {
+    /// Subscribed types; None for all.
+    pub types: Option<&'a Vec<String>>,
+    /// Positions skipped on purpose (ep_skip_event).
+    pub skip: Option<&'a Vec<i64>>,
+}
+
+/// Applies the events passing `filter` with `after < position <= up_to`, at most `limit` of them,
+/// read under `snap`. Batch handlers get them as one array.
+pub fn apply(
+    handler: &Handler,
+    filter: Filter<'_>,
+    events_type: pg_sys::Oid,
+    after: i64,
+    up_to: i64,
+    limit: i64,
+    snap: Snap,
+) -> Applied {
+    Spi::connect(|_| {
+        let types = filter.types.and_then(|t| t.clone().into_datum());
+        let skip = filter.skip.filter(|s| !s.is_empty()).and_then(|s| s.clone().into_datum());
+        let rows = spi::exec(&RANGE, &[spi::int8(after), spi::int8(up_to), types, spi::int8(limit), skip], snap, 0);
+        let n = rows.len();
+        let mut applied = Applied { events: n as i64, last: after, exhausted: (n as i64) < limit };
+        if n == 0 {
+            return applied;
+        }
+        if handler.batch {
+            let mut datums = Vec::with_capacity(n);
+            for i in 0..n {
+                datums.push(rows.datum(i, 1).expect("event row is never NULL"));
+            }
+            let first: i64 = rows.get(0, 2).unwrap_or(after);
+            let last: i64 = rows.get(n - 1, 2).unwrap_or(after);
+            let arr = spi::composite_array(&datums, events_type);
+            ATTEMPTED.with(|c| c.set(first));
+            handler.call(arr, &|| format!("events {first}..{last}"));
+            applied.last = last;
+        } else {
+            for i in 0..n {
+                let ev = rows.datum(i, 1).expect("event row is never NULL");
+                let pos: i64 = rows.get(i, 2).unwrap_or(after);
+                ATTEMPTED.with(|c| c.set(pos));
+                handler.call(ev, &|| format!("event {pos}"));
+                applied.last = pos;
+            }
+        }
+        applied
+    })
+}

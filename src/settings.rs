@@ -1,0 +1,107 @@
+//! The extension's settings (GUCs). Documented in README.md, "Settings".
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
+static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static HANDOFF_LOCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(20);
+static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
+static RETRY_BACKOFF: GucSetting<i32> = GucSetting::<i32>::new(100);
+static NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
+pub fn define(preloaded: bool) {
+    GucRegistry::define_string_guc(
+        c"event_projections.database",
+        c"Database served by the event_projections background workers.",
+        c"The workers run rebuilds and async projections of this database only.",
+        &DATABASE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    // Only meaningful at server start; defining it as PGC_POSTMASTER after start-up is refused.
+    GucRegistry::define_int_guc(
+        c"event_projections.workers",
+        c"Number of event_projections background worker processes.",
+        c"Each projection's rebuild or async delivery is run by one of them at a time.",
+        &WORKERS,
+        1,
+        crate::inflight::MAX_WORKERS as i32,
+        if preloaded { GucContext::Postmaster } else { GucContext::Suset },
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"event_projections.batch_size",
+        c"Events per transaction in replays and async delivery, and per call of a batch handler.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        1_000_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"event_projections.handoff_lock_timeout",
+        c"How long a rebuild hand-off waits for its exclusive lock before backing off and retrying.",
+        c"Appends queued behind a waiting hand-off are delayed at most this long by it.",
+        &HANDOFF_LOCK_TIMEOUT,
+        1,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"event_projections.max_attempts",
+        c"Attempts of a failing async handler before its projection stops.",
+        c"",
+        &MAX_ATTEMPTS,
+        1,
+        1000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"event_projections.retry_backoff",
+        c"First delay before retrying a failed async batch; doubles with each attempt.",
+        c"",
+        &RETRY_BACKOFF,
+        1,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"event_projections.naptime",
+        c"Longest sleep of an idle worker between looks at the catalog.",
+        c"Commits that append wake the workers at once; this only bounds how late they notice other changes.",
+        &NAPTIME,
+        10,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"event_projections".as_ptr()) };
+}
+
+pub fn database() -> String {
+    DATABASE.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_else(|| "postgres".into())
+}
+pub fn workers() -> usize {
+    WORKERS.get() as usize
+}
+pub fn batch_size() -> i32 {
+    BATCH_SIZE.get()
+}
+pub fn handoff_lock_timeout_ms() -> i32 {
+    HANDOFF_LOCK_TIMEOUT.get()
+}
+pub fn max_attempts() -> i32 {
+    MAX_ATTEMPTS.get()
+}
+pub fn retry_backoff_ms() -> i32 {
+    RETRY_BACKOFF.get()
+}
+pub fn naptime_ms() -> i32 {
+    NAPTIME.get()
+}

@@ -1,0 +1,101 @@
+//! Whether a projection's read model may be read now: the fail-fast check a query calls so that an
+//! in-place rebuild's window is designed rather than discovered (DESIGN-NOTES, invariant 4).
+
+use crate::error::{required_text, ArgError, SqlError};
+use crate::handoff::{self, CrossedHandoff};
+use crate::registry::{self, ProjectionMode, RegistryError};
+use crate::spi::{self, Snap, Stmt};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::fmt::Display;
+
+#[derive(Debug)]
+pub enum StatusError {
+    Arg(ArgError),
+    Registry(RegistryError),
+    NotReady { projection: String, status: String, progress: Option<String> },
+}
+
+impl From<ArgError> for StatusError {
+    fn from(e: ArgError) -> Self {
+        StatusError::Arg(e)
+    }
+}
+
+impl Display for StatusError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StatusError::Arg(e) => e.fmt(f),
+            StatusError::Registry(e) => e.fmt(f),
+            StatusError::NotReady { projection, status, progress } => {
+                write!(f, "projection \"{projection}\" is not ready: it is {status}")?;
+                if let Some(p) = progress {
+                    write!(f, " ({p})")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl SqlError for StatusError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        match self {
+            StatusError::Arg(e) => e.sqlstate(),
+            StatusError::Registry(e) => e.sqlstate(),
+            StatusError::NotReady { .. } => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        match self {
+            StatusError::NotReady { status, .. } if status == "stale" || status == "failed" => Some(
+                "Start a rebuild with ep_rebuild(...) (or ep_retry_projection for a failed async projection).".into(),
+            ),
+            StatusError::NotReady { .. } => Some("Wait for the rebuild (ep_rebuild_wait) and query again.".into()),
+            _ => None,
+        }
+    }
+}
+
+static PROGRESS: Stmt = Stmt {
+    sql: "SELECT pg_catalog.format('%s of %s events replayed', r.events_done, COALESCE(r.events_total::text, '?')) \
+          FROM ep.rebuilds r WHERE r.projection_id = $1 AND r.status IN ('queued', 'running')",
+    types: &[pg_sys::INT4OID],
+};
+
+static GENERATION_IN_SNAPSHOT: Stmt = Stmt {
+    sql: "SELECT generation FROM ep.projections WHERE id = $1",
+    types: &[pg_sys::INT4OID],
+};
+
+/// `ep_require_ready`: true, or an error (55000) saying what the projection is doing. Under
+/// REPEATABLE READ or SERIALIZABLE, also 40001 when a hand-off (a rebuild's switch) committed after
+/// the transaction's snapshot: the names in the query would resolve to tables the snapshot sees
+/// only partly.
+pub fn require_ready(name: Option<&str>) -> Result<bool, StatusError> {
+    let name = required_text(name, "projection")?;
+    let p = registry::by_name(name).ok_or_else(|| StatusError::Registry(RegistryError::Unknown(name.into())))?;
+    let ready = match p.mode {
+        ProjectionMode::Inline => p.status == "active",
+        ProjectionMode::Async => p.status == "active",
+    };
+    if !ready {
+        let progress = Spi::connect(|_| spi::exec(&PROGRESS, &[p.id.into_datum()], Snap::Latest, 0).get::<String>(0, 1));
+        return Err(StatusError::NotReady { projection: p.name, status: p.status, progress });
+    }
+    if handoff::uses_transaction_snapshot() {
+        let seen: Option<i64> =
+            Spi::connect(|c| c.select(GENERATION_IN_SNAPSHOT.sql, None, &[p.id.into()]).ok()?.first().get_one().ok()?);
+        if seen != Some(p.generation) {
+            crate::error::raise(&CrossedHandoff { projection: p.name });
+        }
+    }
+    Ok(true)
+}
+
+/// `ep_projection_ready`: the same question without raising.
+pub fn is_ready(name: Option<&str>) -> Result<bool, StatusError> {
+    let name = required_text(name, "projection")?;
+    let p = registry::by_name(name).ok_or_else(|| StatusError::Registry(RegistryError::Unknown(name.into())))?;
+    Ok(p.status == "active")
+}

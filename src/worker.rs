@@ -1,0 +1,267 @@
+//! The background worker processes: `event_projections.workers` of them serve the database named by
+//! `event_projections.database`, running rebuild steps and async deliveries. A projection is
+//! worked on by one process at a time: the one holding its session-level ownership lock.
+//!
+//! A worker never holds a lock between steps other than ownership locks (advisory, session level),
+//! so it never blocks `DROP EXTENSION`; it notices the extension appearing, disappearing and being
+//! created again, and idles meanwhile.
+
+use crate::catalog::{self, Catalog};
+use crate::rebuild::{self, Progress};
+use crate::registry::{self, Projection, ProjectionMode};
+use crate::{delivery, handoff, inflight, replay, settings};
+use pgrx::bgworkers::BackgroundWorkerBuilder;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::time::{Duration, Instant};
+
+/// Registers the worker processes (from `_PG_init`, during shared_preload_libraries).
+pub fn register() {
+    for i in 0..settings::workers() {
+        BackgroundWorkerBuilder::new(&format!("event_projections worker {}", i + 1))
+            .set_type("event_projections worker")
+            .set_library("event_projections")
+            .set_function("ep_worker_main")
+            .set_argument((i as i32).into_datum())
+            .enable_spi_access()
+            .set_start_time(pgrx::bgworkers::BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(Some(Duration::from_secs(5)))
+            .load();
+    }
+}
+
+/// PostgreSQL's own signal handlers, by their C symbols (pgrx wraps the declarations it exports,
+/// and a signal handler must be the C function itself).
+mod signals {
+    unsafe extern "C-unwind" {
+        pub fn die(signal: std::ffi::c_int);
+        pub fn SignalHandlerForConfigReload(signal: std::ffi::c_int);
+    }
+}
+
+/// How a step ended, as the scheduler sees it.
+enum Outcome {
+    Progress(Progress),
+    Idle,
+    Failed { message: String, position: i64 },
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
+    let index = unsafe { i32::from_datum(arg, false) }.unwrap_or(0) as usize;
+    unsafe {
+        // SIGTERM: the standard `die`, so CHECK_FOR_INTERRUPTS ends even a long handler cleanly.
+        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(signals::SignalHandlerForConfigReload));
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(signals::die));
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
+    let database = settings::database();
+    // A missing database is a FATAL here; the postmaster starts the worker again after 5 s.
+    pgrx::bgworkers::BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    unsafe {
+        let name = std::ffi::CString::new(format!("event_projections worker {}", index + 1)).expect("no NUL");
+        pg_sys::pgstat_report_appname(name.as_ptr());
+    }
+    inflight::register_worker(index);
+    log!("event_projections worker {} serving database \"{}\"", index + 1, database);
+
+    let worker_cxt = unsafe {
+        pg_sys::AllocSetContextCreateExtended(
+            pg_sys::TopMemoryContext,
+            c"event_projections worker".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        )
+    };
+    let mut round: usize = 0;
+    loop {
+        pgrx::check_for_interrupts!();
+        unsafe {
+            if pg_sys::ConfigReloadPending != 0 {
+                pg_sys::ConfigReloadPending = 0;
+                pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+                if settings::database() != database {
+                    log!("event_projections worker {}: event_projections.database changed; restarting", index + 1);
+                    pg_sys::proc_exit(1);
+                }
+            }
+            pg_sys::MemoryContextSwitchTo(worker_cxt);
+            pg_sys::MemoryContextReset(worker_cxt);
+        }
+        let busy = run_round(index + round);
+        round = round.wrapping_add(1);
+        if !busy {
+            rebuild_sleep(settings::naptime_ms() as i64);
+        }
+    }
+}
+
+fn rebuild_sleep(ms: i64) {
+    unsafe {
+        pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null());
+    }
+    rebuild::sleep_ms(ms);
+}
+
+/// Runs `f` in a transaction of its own at READ COMMITTED (the protocol's reads after a lock rely on
+/// a new snapshot per statement). An ERROR rolls it back and comes back as `Err`; FATAL and
+/// shutdown requests are raised again.
+fn in_transaction<R>(activity: &str, f: impl FnOnce() -> R) -> Result<R, (PgSqlErrorCode, String)> {
+    let cxt = unsafe { pg_sys::CurrentMemoryContext };
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::XactIsoLevel = pg_sys::XACT_READ_COMMITTED as i32;
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        let a = std::ffi::CString::new(activity).unwrap_or_default();
+        pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, a.as_ptr());
+    }
+    let f = std::panic::AssertUnwindSafe(f);
+    let result = PgTryBuilder::new(move || {
+        let f = f; // the whole AssertUnwindSafe, not the closure inside it
+        let r = (f.0)();
+        unsafe {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        }
+        Ok(r)
+    })
+    .catch_others(|e| {
+        let (level, code, message) = match &e {
+            pg_sys::panic::CaughtError::PostgresError(r)
+            | pg_sys::panic::CaughtError::ErrorReport(r)
+            | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                let msg = match r.detail() {
+                    Some(d) => format!("{} ({})", r.message(), d),
+                    None => r.message().to_string(),
+                };
+                (r.level(), r.sql_error_code(), msg)
+            }
+        };
+        if level >= PgLogLevel::FATAL || unsafe { pg_sys::ProcDiePending != 0 } {
+            e.rethrow();
+        }
+        Err((code, message))
+    })
+    .execute();
+    if result.is_err() {
+        unsafe {
+            pg_sys::AbortCurrentTransaction();
+        }
+    }
+    unsafe {
+        pg_sys::MemoryContextSwitchTo(cxt);
+    }
+    result
+}
+
+/// The projections that may have work, in a rotating order so workers spread over them.
+fn candidates(rotate: usize) -> Vec<Projection> {
+    let r = in_transaction("event_projections: scanning projections", || {
+        if catalog::lookup().is_none() {
+            return Vec::new();
+        }
+        let open: Vec<i32> = Spi::connect(|c| {
+            c.select("SELECT projection_id FROM ep.rebuilds WHERE status IN ('queued', 'running')", None, &[])
+                .map(|t| t.filter_map(|r| r.get::<i32>(1).ok().flatten()).collect())
+                .unwrap_or_default()
+        });
+        registry::all()
+            .into_iter()
+            .filter(|p| p.mode == ProjectionMode::Async || open.contains(&p.id))
+            .collect()
+    });
+    let mut v = r.unwrap_or_default();
+    if !v.is_empty() {
+        let k = rotate % v.len();
+        v.rotate_left(k);
+    }
+    v
+}
+
+/// One pass over the projections. True when any step did work.
+fn run_round(rotate: usize) -> bool {
+    let mut busy = false;
+    for p in candidates(rotate) {
+        let owned = in_transaction("event_projections: claiming", || handoff::try_own(p.id as u32)).unwrap_or(false);
+        if !owned {
+            continue;
+        }
+        busy |= work_on(p.id);
+        handoff::disown(p.id as u32);
+    }
+    busy
+}
+
+/// Steps of one projection for up to a time slice. True when any did work.
+fn work_on(id: i32) -> bool {
+    let slice = Instant::now();
+    let mut busy = false;
+    while slice.elapsed() < Duration::from_millis(200) {
+        let outcome = in_transaction("event_projections: step", || step(id));
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err((PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, _)) => Outcome::Progress(Progress::LockBusy),
+            Err((_, message)) => Outcome::Failed { message, position: replay::last_attempted() },
+        };
+        match outcome {
+            Outcome::Progress(Progress::Busy) => busy = true,
+            Outcome::Progress(Progress::Finished) => return true,
+            Outcome::Progress(Progress::LockBusy) => {
+                // Let the appends that queued behind our request through, then try again.
+                rebuild::sleep_ms(5);
+                busy = true;
+            }
+            Outcome::Idle => return busy,
+            Outcome::Failed { message, position } => {
+                let _ = in_transaction("event_projections: recording a failure", || record_failure(id, &message, position));
+                return busy;
+            }
+        }
+    }
+    busy
+}
+
+/// One step of projection `id`, read afresh.
+fn step(id: i32) -> Outcome {
+    let Some(cat) = catalog::lookup() else { return Outcome::Idle };
+    let Some(p) = registry::by_id(id) else { return Outcome::Idle };
+    let activity = match p.mode {
+        ProjectionMode::Inline => format!("event_projections: rebuilding {}", p.name),
+        ProjectionMode::Async => format!("event_projections: delivering to {}", p.name),
+    };
+    unsafe {
+        let a = std::ffi::CString::new(activity).unwrap_or_default();
+        pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, a.as_ptr());
+    }
+    match p.mode {
+        ProjectionMode::Inline => match rebuild::open(p.id) {
+            Some(r) => Outcome::Progress(rebuild::step_inline(&cat, &p, &r)),
+            None => Outcome::Idle,
+        },
+        ProjectionMode::Async => match delivery::step(&cat, &p) {
+            Some(progress) => Outcome::Progress(progress),
+            None => Outcome::Idle,
+        },
+    }
+}
+
+fn record_failure(id: i32, message: &str, position: i64) {
+    let Some(cat) = catalog::lookup() else { return };
+    let Some(p) = registry::by_id(id) else { return };
+    warning!("event_projections: projection \"{}\": {}", p.name, message);
+    match rebuild::open(p.id) {
+        Some(r) => {
+            let attempts = rebuild::record_failure(&cat, &r, message);
+            if attempts >= settings::max_attempts() as i64 {
+                let _ = rebuild::finish_unsuccessfully(&cat, &p, &r, "failed", Some(message));
+            }
+        }
+        None => delivery::record_failure(&cat, &p, message, position),
+    }
+}
+
+#[allow(dead_code)]
+fn _unused(_: &Catalog) {}
