@@ -14,7 +14,7 @@ build: setup
 
 # Installs the extension into the system PostgreSQL 15 (what the private clusters load).
 install: setup
-	cargo pgrx install --release --pg-config $(PG_CONFIG) >/dev/null
+	@bash scripts/install.sh
 
 demo: install
 	@bash scripts/demo.sh

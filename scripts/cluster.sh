@@ -13,7 +13,8 @@ PORT=${EP_PORT:-55432}
 DATA=${EP_DATA:-/var/tmp/event_projections/$PORT}
 SOCK=$DATA/socket
 DB=${EP_DB:-ep}
-as_pg() { runuser -u postgres -- "$@"; }
+# The server must not inherit RUST_BACKTRACE: pgrx would put Rust backtraces into error details.
+as_pg() { runuser -u postgres -- env -u RUST_BACKTRACE "$@"; }
 
 start() {
   if [ ! -f "$DATA/PG_VERSION" ]; then

@@ -74,6 +74,9 @@ CREATE TABLE ep.rebuilds (
     build_schema     text,
     previous_schema  text,
     checkpoint       bigint      NOT NULL DEFAULT 0,
+    -- The head of the log when the rebuild started: an async in-place rebuild is done once its
+    -- projection has delivered up to here (it goes on being delivered to like any other after).
+    target_position  bigint,
     events_done      bigint      NOT NULL DEFAULT 0,
     events_total     bigint,
     cancel_requested boolean     NOT NULL DEFAULT false,

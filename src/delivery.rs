@@ -142,43 +142,43 @@ fn rebuild_step(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
             Progress::Busy
         }
         (Strategy::InPlace, _) => {
-            // Re-delivery from position 0; done once caught up with the high-water mark.
+            // Re-delivery from position 0; done once past the head of the log at the start.
             let st = state(p.id);
-            match deliver(cat, p, &p.live_handler(), &st) {
-                Some(progress) => {
-                    let now = registry::by_id(p.id).map(|q| q.position).unwrap_or(p.position);
-                    let applied = replay_count(p, r.checkpoint, now);
-                    exec(cat, &PROGRESS, &[r.id.into_datum(), spi::int8(now), spi::int8(applied)]);
-                    progress
-                }
-                None => {
-                    exec(cat, &ASYNC_DONE, &[p.id.into_datum(), r.id.into_datum(), spi::int8(p.position)]);
-                    inflight::bump_epoch_at_commit();
-                    Progress::Finished
-                }
+            let progress = deliver(cat, p, &p.live_handler(), &st);
+            let now = registry::by_id(p.id).map(|q| q.position).unwrap_or(p.position);
+            if now >= r.target_position {
+                exec(cat, &ASYNC_DONE, &[p.id.into_datum(), r.id.into_datum(), spi::int8(now)]);
+                inflight::bump_epoch_at_commit();
+                return Progress::Finished;
             }
+            let applied = replay_count(p, r.checkpoint, now);
+            exec(cat, &PROGRESS, &[r.id.into_datum(), spi::int8(now), spi::int8(applied)]);
+            progress.unwrap_or(Progress::Busy)
         }
         (Strategy::BlueGreen, "queued") => {
             rebuild::create_build_copy(cat, p, r);
             Progress::Busy
         }
         (Strategy::BlueGreen, _) => {
-            // The live copy keeps being delivered to; the copy is built up to the high-water mark
-            // and switched in once it has caught up with the live checkpoint.
+            // The live copy keeps being delivered to, and the copy is built up to the high-water
+            // mark in the same step; it is switched in once it has reached the live checkpoint.
             let st = state(p.id);
-            if deliver(cat, p, &p.live_handler(), &st).is_some() {
-                return Progress::Busy;
-            }
+            deliver(cat, p, &p.live_handler(), &st);
+            let live = registry::by_id(p.id).map(|q| q.position).unwrap_or(p.position);
             let h = p.handler_for(r.new_handler.unwrap_or(p.handler), r.build_schema.as_deref());
             let hw = highwater::compute();
-            if r.checkpoint < hw {
+            let mut checkpoint = r.checkpoint;
+            if checkpoint < hw {
                 let filter = Filter { types: p.event_types.as_ref(), skip: None };
-                let a = replay::apply(&h, filter, cat.events_type, r.checkpoint, hw, registry::batch_size(), Snap::Fresh);
-                let checkpoint = if a.exhausted { hw } else { a.last };
+                let a = replay::apply(&h, filter, cat.events_type, checkpoint, hw, registry::batch_size(), Snap::Fresh);
+                checkpoint = if a.exhausted { hw } else { a.last };
                 exec(cat, &PROGRESS, &[r.id.into_datum(), spi::int8(checkpoint), spi::int8(a.events)]);
+            }
+            if checkpoint < live {
                 return Progress::Busy;
             }
-            // Caught up (checkpoint >= live position, since delivery had nothing to do): switch.
+            let r = &Rebuild { checkpoint, ..r.clone() };
+            // The copy holds every event up to its checkpoint, which is at or past the live one.
             let prev = rebuild::switch_schemas(cat, p, r);
             let new_batch = r.new_handler.and_then(registry::takes_batch);
             exec(

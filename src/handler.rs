@@ -69,6 +69,24 @@ fn forget(function: pg_sys::Oid) {
     }
 }
 
+/// Calls a one-argument function and ignores its result. Unlike `FunctionCall1Coll`, a NULL
+/// result is fine: a `RETURNS void` SQL function returns NULL.
+unsafe fn call1(finfo: *mut pg_sys::FmgrInfo, arg: pg_sys::Datum) {
+    unsafe {
+        let size = std::mem::size_of::<pg_sys::FunctionCallInfoBaseData>() + std::mem::size_of::<pg_sys::NullableDatum>();
+        let fcinfo = pg_sys::palloc0(size) as *mut pg_sys::FunctionCallInfoBaseData;
+        (*fcinfo).flinfo = finfo;
+        (*fcinfo).fncollation = pg_sys::Oid::INVALID;
+        (*fcinfo).nargs = 1;
+        let args = (*fcinfo).args.as_mut_slice(1);
+        args[0].value = arg;
+        args[0].isnull = false;
+        let f = (*finfo).fn_addr.expect("fmgr_info sets fn_addr");
+        pg_sys::ffi::pg_guard_ffi_boundary(|| f(fcinfo));
+        pg_sys::pfree(fcinfo as *mut std::ffi::c_void);
+    }
+}
+
 impl Handler {
     /// Calls the handler with `arg`: one `ep.events` value, or an `ep.events[]` for batch
     /// handlers. `what` describes the events for an error message. A handler error is raised again
@@ -76,10 +94,7 @@ impl Handler {
     pub fn call(&self, arg: pg_sys::Datum, what: &dyn Fn() -> String) {
         let function = self.function;
         let result = PgTryBuilder::new(|| {
-            catalog::run_as(self.owner, &self.search_path, || unsafe {
-                let finfo = fmgr_for(function);
-                pg_sys::FunctionCall1Coll(finfo, pg_sys::Oid::INVALID, arg);
-            });
+            catalog::run_as(self.owner, &self.search_path, || unsafe { call1(fmgr_for(function), arg) });
             None
         })
         .catch_others(|e| Some(e))

@@ -50,6 +50,54 @@ pub fn lock(object: u32, mode: Mode) {
     }
 }
 
+/// Takes a transaction-level lock without ever keeping others queued behind us for more than
+/// `timeout_ms`: each attempt waits at most that long inside a subtransaction; on a timeout the
+/// subtransaction (and our place in the queue) is given up and, after a pause that lets the
+/// queued requests through, we try again. For hand-offs made in a user's transaction, such as a
+/// registration, where the transaction cannot simply be retried.
+pub fn lock_patiently(object: u32, mode: Mode, timeout_ms: i32) {
+    let mut pause_ms = 1;
+    loop {
+        let got = unsafe {
+            let cxt = pg_sys::CurrentMemoryContext;
+            let owner = pg_sys::CurrentResourceOwner;
+            pg_sys::BeginInternalSubTransaction(std::ptr::null());
+            pg_sys::MemoryContextSwitchTo(cxt);
+            let nest = pg_sys::NewGUCNestLevel();
+            set_local_lock_timeout(timeout_ms);
+            let got = PgTryBuilder::new(|| {
+                lock(object, mode);
+                true
+            })
+            .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| false)
+            .execute();
+            if got {
+                pg_sys::AtEOXact_GUC(true, nest);
+                pg_sys::ReleaseCurrentSubTransaction(); // the lock passes to the parent
+            } else {
+                pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            }
+            pg_sys::MemoryContextSwitchTo(cxt);
+            pg_sys::CurrentResourceOwner = owner;
+            got
+        };
+        if got {
+            return;
+        }
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                pause_ms,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+        pause_ms = (pause_ms * 2).min(50);
+    }
+}
+
 /// Tries to take a session-level ownership lock without waiting.
 pub fn try_own(object: u32) -> bool {
     let t = tag(OWNER_CLASS, object);

@@ -223,7 +223,7 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
 
     let n = events.len() as i64;
     let cxt = unsafe { pg_sys::CurrentMemoryContext };
-    let written: Result<(Vec<pg_sys::Datum>, i64), LogError> = catalog::privileged(&cat, || {
+    let written: Result<(Vec<pg_sys::Datum>, Vec<i64>), LogError> = catalog::privileged(&cat, || {
         Spi::connect(|_| {
             // A7: the stream row lock, then the expected version, before any position is taken.
             let version: i64 =
@@ -275,19 +275,20 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
             };
             drop(appending);
             let datums = (0..rows.len()).map(|i| rows.datum_in(i, 1, cxt).expect("RETURNING e")).collect();
-            Ok((datums, positions[positions.len() - 1]))
+            Ok((datums, positions))
         })
     });
-    let (rows, last) = written?;
+    let (rows, positions) = written?;
+    let last = positions[positions.len() - 1];
 
     // A10: each active subscribed handler, in the append's transaction.
     for p in &projections {
         let mine: Vec<(pg_sys::Datum, &NewEvent, i64)> = rows
             .iter()
             .zip(events)
-            .enumerate()
-            .filter(|(_, (_, e))| p.event_types.as_ref().is_none_or(|t| t.iter().any(|t| *t == e.event_type)))
-            .map(|(i, (d, e))| (*d, e, last - n + 1 + i as i64))
+            .zip(&positions)
+            .filter(|((_, e), _)| p.event_types.as_ref().is_none_or(|t| t.iter().any(|t| *t == e.event_type)))
+            .map(|((d, e), pos)| (*d, e, *pos))
             .collect();
         if mine.is_empty() {
             continue;
@@ -354,18 +355,34 @@ impl SqlError for AppendOnly {
 }
 
 /// The guard trigger (BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE, FOR EACH STATEMENT).
-/// An INSERT passes only from ep_append itself, or as the COPY of a restore (pg_dump writes the
-/// log as `COPY ep.events FROM stdin`; only the table owner may COPY into it).
+/// An INSERT passes only from ep_append itself, or as the COPY of a restore: pg_dump writes the log
+/// as `COPY ep.events (...) FROM stdin;`, and only the table owner may COPY into it.
 pub fn guard(op: &'static str) {
-    if op == "INSERT" && (unsafe { APPENDING } || in_copy()) {
+    if op == "INSERT" && (unsafe { APPENDING } || restoring()) {
         return;
     }
     raise(&AppendOnly { op });
 }
 
-fn in_copy() -> bool {
+/// Whether the statement being executed is a `COPY ep.events ... FROM` sent by the client (not
+/// an INSERT that some trigger runs during a COPY into another table).
+fn restoring() -> bool {
     unsafe {
         let portal = pg_sys::ActivePortal;
-        !portal.is_null() && (*portal).commandTag == pg_sys::CommandTag::CMDTAG_COPY
+        if portal.is_null() || (*portal).commandTag != pg_sys::CommandTag::CMDTAG_COPY {
+            return false;
+        }
+        if pg_sys::debug_query_string.is_null() {
+            return false;
+        }
+        let q = std::ffi::CStr::from_ptr(pg_sys::debug_query_string).to_string_lossy();
+        is_copy_into_events(&q)
     }
+}
+
+/// `COPY ep.events` followed by a column list or FROM, in the spelling pg_dump uses.
+fn is_copy_into_events(query: &str) -> bool {
+    let words: Vec<String> = query.split_whitespace().take(3).map(str::to_ascii_lowercase).collect();
+    matches!(words.as_slice(), [copy, table, next]
+        if copy == "copy" && table == "ep.events" && (next.starts_with('(') || next == "from"))
 }

@@ -302,6 +302,7 @@ pub fn cancel(name: Option<&str>) -> Result<Option<i64>, RebuildError> {
 #[derive(Clone, Debug)]
 pub struct Rebuild {
     pub id: i64,
+    pub target_position: i64,
     pub strategy: Strategy,
     pub phase: String,
     pub new_handler: Option<pg_sys::Oid>,
@@ -312,7 +313,8 @@ pub struct Rebuild {
 }
 
 static OPEN: Stmt = Stmt {
-    sql: "SELECT id, strategy, phase, new_handler::oid, setup_function::oid, build_schema, checkpoint, cancel_requested \
+    sql: "SELECT id, strategy, phase, new_handler::oid, setup_function::oid, build_schema, checkpoint, cancel_requested, \
+                 coalesce(target_position, 0) \
           FROM ep.rebuilds WHERE projection_id = $1 AND status IN ('queued', 'running')",
     types: &[pg_sys::INT4OID],
 };
@@ -330,6 +332,7 @@ pub fn open(id: i32) -> Option<Rebuild> {
             build_schema: r.get(0, 6),
             checkpoint: r.get(0, 7).unwrap_or(0),
             cancel_requested: r.get(0, 8).unwrap_or(false),
+            target_position: r.get(0, 9).unwrap_or(0),
         })
     })
 }
@@ -372,6 +375,7 @@ static SET_STATUS: Stmt = Stmt {
 static START: Stmt = Stmt {
     sql: "UPDATE ep.rebuilds SET status = 'running', phase = 'replaying', checkpoint = 0, events_done = 0, \
                  started_at = pg_catalog.now(), build_schema = $2, \
+                 target_position = (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM ep.global_position_seq), \
                  events_total = (SELECT pg_catalog.count(*) FROM ep.events e, ep.projections p \
                                  WHERE p.id = $3 AND (p.event_types IS NULL OR e.event_type = ANY (p.event_types))) \
           WHERE id = $1",
@@ -549,12 +553,23 @@ fn rebuild_handler(p: &Projection, r: &Rebuild) -> crate::handler::Handler {
     }
 }
 
-/// R1..Rk / B1..Bk, and the hand-off Rf / Bf once the replay is within one batch of the head.
+thread_local! {
+    /// The distance to the head after the previous replay step of each rebuild this process ran.
+    static LAST_GAP: std::cell::RefCell<std::collections::HashMap<i64, i64>> = Default::default();
+}
+
+/// R1..Rk / B1..Bk, and the hand-off Rf / Bf once the replay is within one batch of the head, or
+/// no longer gaining on it (appends outpacing the replay): then the hand-off catches up the rest
+/// under the lock, and appends to this projection wait for that. Without this a rebuild under a
+/// sustained write load faster than its handler would never finish.
 fn replay_or_handoff(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
     let h = rebuild_handler(p, r);
     let hw = highwater::compute();
     let batch = registry::batch_size();
-    if hw - r.checkpoint > batch {
+    let gap = hw - r.checkpoint;
+    let previous = LAST_GAP.with(|m| m.borrow_mut().insert(r.id, gap));
+    let gaining = previous.is_none_or(|g| gap < g);
+    if gap > batch && gaining {
         let a = replay::apply(&h, p.filter(), cat.events_type, r.checkpoint, hw, batch, Snap::Fresh);
         let checkpoint = if a.exhausted { hw } else { a.last };
         exec_priv(cat, &ADVANCE, &[r.id.into_datum(), spi::int8(checkpoint), spi::int8(a.events)]);
@@ -620,6 +635,21 @@ pub fn switch_schemas(cat: &Catalog, p: &Projection, r: &Rebuild) -> String {
         ddl(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(&prev)));
         ddl(&format!("ALTER SCHEMA {} RENAME TO {}", quote_ident(&live), quote_ident(&prev)));
         ddl(&format!("ALTER SCHEMA {} RENAME TO {}", quote_ident(&build), quote_ident(&live)));
+        // The copy replaces the relations; routines (the handler often lives here) stay in the
+        // live schema, so dropping the previous copy never drops them.
+        for stmt in grants(
+            &format!(
+                "SELECT pg_catalog.format('ALTER ROUTINE %s SET SCHEMA %I', p.oid::regprocedure, {live_lit}) \
+                 FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+                 WHERE n.nspname = $1 AND NOT EXISTS ( \
+                     SELECT 1 FROM pg_catalog.pg_proc q JOIN pg_catalog.pg_namespace m ON m.oid = q.pronamespace \
+                      WHERE m.nspname = {live_lit} AND q.proname = p.proname AND q.proargtypes = p.proargtypes)",
+                live_lit = pgrx::spi::quote_literal(&live)
+            ),
+            &prev,
+        ) {
+            ddl(&stmt);
+        }
     });
     prev
 }

@@ -381,8 +381,9 @@ pub fn register(
     }
 
     if mode == ProjectionMode::Inline {
-        // G1: every append that read the projection list has ended; later ones wait for us.
-        handoff::lock(handoff::REGISTRY, Mode::Exclusive);
+        // G1: every append that read the projection list has ended; later ones wait for us. While
+        // we wait, appends are held back at most the hand-off lock timeout at a time.
+        handoff::lock_patiently(handoff::REGISTRY, Mode::Exclusive, crate::settings::handoff_lock_timeout_ms());
     }
     if by_name(name).is_some() {
         return Err(RegistryError::Exists(name.into()));
@@ -436,8 +437,9 @@ pub fn unregister(name: Option<&str>) -> Result<(), RegistryError> {
     }
     // The registry lock orders this against appends reading the list; the projection lock waits
     // for appends that are running its handler right now.
-    handoff::lock(handoff::REGISTRY, Mode::Exclusive);
-    handoff::lock(p.id as u32, Mode::Exclusive);
+    let timeout = crate::settings::handoff_lock_timeout_ms();
+    handoff::lock_patiently(handoff::REGISTRY, Mode::Exclusive, timeout);
+    handoff::lock_patiently(p.id as u32, Mode::Exclusive, timeout);
     catalog::privileged(&cat, || {
         Spi::connect(|_| {
             spi::exec(

@@ -39,6 +39,9 @@ mod signals {
     }
 }
 
+/// `lock_timeout` of every worker transaction (hand-offs use the shorter hand-off timeout).
+const WORKER_LOCK_TIMEOUT_MS: i32 = 200;
+
 /// How a step ended, as the scheduler sees it.
 enum Outcome {
     Progress(Progress),
@@ -60,7 +63,14 @@ pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
     // A missing database is a FATAL here; the postmaster starts the worker again after 5 s.
     pgrx::bgworkers::BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     unsafe {
+        // The setting (not only the pg_stat_activity field), so that handlers can tell too.
         let name = std::ffi::CString::new(format!("event_projections worker {}", index + 1)).expect("no NUL");
+        pg_sys::SetConfigOption(
+            c"application_name".as_ptr(),
+            name.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
         pg_sys::pgstat_report_appname(name.as_ptr());
     }
     inflight::register_worker(index);
@@ -115,6 +125,10 @@ fn in_transaction<R>(activity: &str, f: impl FnOnce() -> R) -> Result<R, (PgSqlE
         pg_sys::StartTransactionCommand();
         pg_sys::XactIsoLevel = pg_sys::XACT_READ_COMMITTED as i32;
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        // Shorter than deadlock_timeout: when a step and a user's DDL (DROP EXTENSION, ALTER TABLE
+        // on a read model) wait for each other, the step gives up and is retried later, instead of
+        // the deadlock detector possibly cancelling the user's statement.
+        handoff::set_local_lock_timeout(WORKER_LOCK_TIMEOUT_MS);
         let a = std::ffi::CString::new(activity).unwrap_or_default();
         pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, a.as_ptr());
     }
