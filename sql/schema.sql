@@ -77,6 +77,9 @@ CREATE TABLE ep.rebuilds (
     -- The head of the log when the rebuild started: an async in-place rebuild is done once its
     -- projection has delivered up to here (it goes on being delivered to like any other after).
     target_position  bigint,
+    -- How far the replay was behind the head at its last step: a rebuild no longer gaining on a
+    -- write load hands off anyway (DESIGN.md 3.2).
+    behind           bigint,
     events_done      bigint      NOT NULL DEFAULT 0,
     events_total     bigint,
     cancel_requested boolean     NOT NULL DEFAULT false,

@@ -67,6 +67,36 @@ mod ep {
         Ok(None)
     }
 
+    /// Any change of ep.projections that matters to appends moves the registry epoch at commit
+    /// (`registry::inline_projections` relies on it, whoever makes the change).
+    #[pg_trigger]
+    fn projections_changed<'a>(
+        _t: &'a PgTrigger<'a>,
+    ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
+        crate::inflight::bump_epoch_at_commit();
+        Ok(None)
+    }
+
+    extension_sql!(
+        r#"
+CREATE TRIGGER projections_changed AFTER INSERT OR DELETE ON ep.projections
+    FOR EACH ROW EXECUTE FUNCTION ep.projections_changed();
+CREATE TRIGGER projections_truncated AFTER TRUNCATE ON ep.projections
+    FOR EACH STATEMENT EXECUTE FUNCTION ep.projections_changed();
+-- Async delivery updates position and error columns all the time; those do not concern appends.
+CREATE TRIGGER projections_updated AFTER UPDATE ON ep.projections FOR EACH ROW
+    WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.generation IS DISTINCT FROM NEW.generation
+          OR OLD.handler IS DISTINCT FROM NEW.handler OR OLD.batch IS DISTINCT FROM NEW.batch
+          OR OLD.mode IS DISTINCT FROM NEW.mode OR OLD.event_types IS DISTINCT FROM NEW.event_types
+          OR OLD.read_model_schema IS DISTINCT FROM NEW.read_model_schema OR OLD.owner IS DISTINCT FROM NEW.owner
+          OR OLD.search_path IS DISTINCT FROM NEW.search_path OR OLD.name IS DISTINCT FROM NEW.name
+          OR OLD.id IS DISTINCT FROM NEW.id)
+    EXECUTE FUNCTION ep.projections_changed();
+"#,
+        name = "projections_triggers",
+        requires = ["schema", projections_changed]
+    );
+
     extension_sql!(
         r#"
 CREATE TRIGGER events_guard BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON ep.events
@@ -138,4 +168,11 @@ fn ep_require_ready(projection: Option<&str>) -> bool {
 #[pg_extern(stable, parallel_restricted)]
 fn ep_projection_ready(projection: Option<&str>) -> bool {
     crate::status::is_ready(projection).or_raise()
+}
+
+/// The backends of this database holding appended positions uncommitted, with the smallest
+/// position each holds: what async delivery and rebuild replays are waiting for.
+#[pg_extern(volatile, parallel_restricted)]
+fn ep_in_flight() -> TableIterator<'static, (name!(pid, i32), name!(global_position, i64))> {
+    TableIterator::new(crate::inflight::in_flight())
 }

@@ -121,9 +121,28 @@ pub fn run_as<R>(role: pg_sys::Oid, search_path: &str, f: impl FnOnce() -> R) ->
     }
 }
 
-/// Runs `f` as the extension owner with the pinned search_path.
+/// Runs `f` as the extension owner with only `pg_catalog` to resolve names (no caller-defined
+/// schema, not even pg_temp). An override search path rather than the search_path setting: it is
+/// a pointer push and pop, where setting the GUC parses, validates and later recomputes the path,
+/// and this runs on every append. Never call a handler inside: the override would hide the
+/// handler's own search_path. On an error, the (sub)transaction's abort pops the override and
+/// restores the user, as it does for SECURITY DEFINER functions.
 pub fn privileged<R>(cat: &Catalog, f: impl FnOnce() -> R) -> R {
-    run_as(cat.owner, PINNED_PATH, f)
+    unsafe {
+        let mut saved_user = pg_sys::Oid::INVALID;
+        let mut saved_sec: i32 = 0;
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_sec);
+        pg_sys::SetUserIdAndSecContext(cat.owner, saved_sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+        let path = pg_sys::palloc0(std::mem::size_of::<pg_sys::OverrideSearchPath>()) as *mut pg_sys::OverrideSearchPath;
+        (*path).schemas = std::ptr::null_mut();
+        (*path).addCatalog = true;
+        (*path).addTemp = false;
+        pg_sys::PushOverrideSearchPath(path);
+        let r = f();
+        pg_sys::PopOverrideSearchPath();
+        pg_sys::SetUserIdAndSecContext(saved_user, saved_sec);
+        r
+    }
 }
 
 /// The role running the current statement (the caller of an ep_* function).

@@ -6,6 +6,7 @@
 //! projection id (0 for the registry) and `objsubid` = 2.
 
 use crate::error::SqlError;
+use crate::spi::{self, Snap, Stmt};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::fmt::Display;
@@ -135,19 +136,28 @@ pub fn uses_transaction_snapshot() -> bool {
     unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
 }
 
-/// A6: whether the row version created by `xmin` is visible to this transaction's snapshot.
-/// Only meaningful when `uses_transaction_snapshot()`.
-pub fn visible_to_transaction_snapshot(xmin: u32) -> bool {
-    let xid = pg_sys::TransactionId::from_inner(xmin);
-    unsafe {
-        if !pg_sys::TransactionIdIsNormal(xid) {
-            return true; // frozen or bootstrap: visible to everyone
-        }
-        if pg_sys::TransactionIdIsCurrentTransactionId(xid) {
-            return true;
-        }
-        !pg_sys::XidInMVCCSnapshot(xid, pg_sys::GetTransactionSnapshot())
+static GENERATIONS_IN_SNAPSHOT: Stmt = Stmt {
+    sql: "SELECT id, generation FROM ep.projections WHERE id = ANY ($1)",
+    types: &[pg_sys::INT4ARRAYOID],
+};
+
+/// A6: the first of `latest` (id, generation, name) whose generation, as this transaction's
+/// snapshot sees it, is not the latest one: its last hand-off committed after the snapshot was
+/// taken. (Comparing generations, not xmin, so that freezing and wraparound cannot fool it.)
+pub fn first_crossed<'a>(latest: &'a [(i32, i64, &'a str)]) -> Option<&'a str> {
+    if latest.is_empty() {
+        return None;
     }
+    let ids: Vec<i32> = latest.iter().map(|l| l.0).collect();
+    let seen: Vec<(i32, i64)> = Spi::connect(|_| {
+        // Snap::Fresh under REPEATABLE READ / SERIALIZABLE is the transaction snapshot.
+        let rows = spi::exec(&GENERATIONS_IN_SNAPSHOT, &[ids.into_datum()], Snap::Fresh, 0);
+        (0..rows.len()).map(|i| (rows.get(i, 1).unwrap_or(0), rows.get(i, 2).unwrap_or(0))).collect()
+    });
+    latest
+        .iter()
+        .find(|(id, generation, _)| !seen.iter().any(|(sid, sg)| sid == id && sg == generation))
+        .map(|l| l.2)
 }
 
 /// The error of A6 (and of a reader whose snapshot predates a blue-green switch).

@@ -31,6 +31,9 @@ struct WorkerSlot {
     /// pgprocno + 1 of a running worker, 0 when none.
     procno: AtomicU32,
     database: AtomicU32,
+    /// Whether the worker has async projections or rebuilds to run: commits wake only those
+    /// workers (a wake-up is a signal, and appends without async projections should not pay it).
+    wants_wakeups: AtomicU32,
 }
 
 #[repr(C)]
@@ -141,6 +144,7 @@ fn ensure_callback() {
 }
 
 /// Whether this backend's transaction has taken positions (and so must not be prepared).
+#[cfg(any(test, feature = "pg_test"))]
 pub fn holding() -> bool {
     unsafe { HOLDING }
 }
@@ -198,21 +202,27 @@ pub fn horizon(last_value: i64) -> Horizon {
     Horizon::UpTo(hw)
 }
 
-/// Positions in flight in this database, for `ep.in_flight` diagnostics.
-pub fn in_flight_positions() -> Vec<i64> {
+/// (pid, smallest position) of every backend of this database holding positions uncommitted:
+/// what holds async delivery and rebuild replays back (`ep_in_flight()`).
+pub fn in_flight() -> Vec<(i32, i64)> {
     let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     slots()
         .iter()
-        .filter_map(|s| {
+        .enumerate()
+        .filter_map(|(procno, s)| {
             let min = s.min_position.load(Ordering::SeqCst);
-            (min != 0 && min != PENDING && s.database.load(Ordering::SeqCst) == db)
-                .then_some(min as i64)
+            if min == 0 || min == PENDING || s.database.load(Ordering::SeqCst) != db {
+                return None;
+            }
+            let pid = unsafe { (*(*pg_sys::ProcGlobal).allProcs.add(procno)).pid };
+            Some((pid, min as i64))
         })
         .collect()
 }
 
-/// The registry epoch: changes whenever a committed hand-off or registration may have changed what
-/// appenders must do.
+/// The registry epoch: bumped whenever a committed change of `ep.projections` may have changed what
+/// appends must do (a trigger on the table calls `bump_epoch_at_commit`). Appends keep their view
+/// of the registry as long as it has not moved (`registry::inline_projections`).
 pub fn registry_epoch() -> u64 {
     shared().map(|s| s.registry_epoch.load(Ordering::SeqCst)).unwrap_or(0)
 }
@@ -222,6 +232,8 @@ pub fn registry_epoch() -> u64 {
 pub fn bump_epoch_at_commit() {
     ensure_callback();
     unsafe { BUMP_AT_COMMIT = true };
+    // This backend's own view must not survive its own change (the epoch moves only at commit).
+    crate::registry::forget_inline_view();
 }
 
 fn bump_registry_epoch() {
@@ -241,28 +253,31 @@ pub fn register_worker(index: usize) {
     }
 }
 
-/// Wakes every worker serving this database.
-pub fn wake_workers() {
+/// A worker says whether commits should wake it.
+pub fn want_wakeups(index: usize, yes: bool) {
+    if let Some(sh) = shared() {
+        if index < MAX_WORKERS {
+            sh.workers[index].wants_wakeups.store(yes as u32, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Wakes the workers serving this database that have async work (all of them with `all`).
+pub fn wake_workers_of(all: bool) {
     let Some(sh) = shared() else { return };
     let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     for w in &sh.workers {
         let procno = w.procno.load(Ordering::SeqCst);
-        if procno != 0 && w.database.load(Ordering::SeqCst) == db {
+        if procno != 0
+            && w.database.load(Ordering::SeqCst) == db
+            && (all || w.wants_wakeups.load(Ordering::SeqCst) != 0)
+        {
             unsafe {
                 let proc_ = (*pg_sys::ProcGlobal).allProcs.add(procno as usize - 1);
                 pg_sys::SetLatch(&mut (*proc_).procLatch);
             }
         }
     }
-}
-
-/// Whether a worker process is serving this database.
-pub fn worker_serves_this_database() -> bool {
-    let Some(sh) = shared() else { return false };
-    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
-    sh.workers.iter().any(|w| {
-        w.procno.load(Ordering::SeqCst) != 0 && w.database.load(Ordering::SeqCst) == db
-    })
 }
 
 /// A11. COMMIT runs after `ProcArrayEndTransaction`, so clearing the slot there can only let a
@@ -286,12 +301,12 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
                 if BUMP_AT_COMMIT {
                     BUMP_AT_COMMIT = false;
                     bump_registry_epoch();
-                    wake_workers();
+                    wake_workers_of(true); // a new async projection or rebuild: everyone looks
                 }
                 if HOLDING {
                     HOLDING = false;
                     release_slot();
-                    wake_workers();
+                    wake_workers_of(false);
                 }
             }
             XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {

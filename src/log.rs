@@ -96,26 +96,46 @@ static UPSERT_STREAM: Stmt = Stmt {
     types: &[pg_sys::TEXTOID, pg_sys::INT8OID],
 };
 
-static INSERT_ONE: Stmt = Stmt {
-    sql: "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata) \
-          VALUES ($1, $2, $3, $4, $5, $6) RETURNING e",
-    types: &[pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::JSONBOID],
-};
+/// The insert of one event, returning the row as the `ep.events` value handlers get (A10), or
+/// returning nothing when no handler will run (building the value costs a copy of the row).
+static INSERT_ONE: [Stmt; 2] = [
+    Stmt {
+        sql: "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata) \
+              VALUES ($1, $2, $3, $4, $5, $6)",
+        types: &[pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::JSONBOID],
+    },
+    Stmt {
+        sql: "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata) \
+              VALUES ($1, $2, $3, $4, $5, $6) RETURNING e",
+        types: &[pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::JSONBOID],
+    },
+];
 
-static INSERT_MANY: Stmt = Stmt {
-    sql: "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata) \
-          SELECT u.p, $2, $3 + u.o, u.t, u.d, u.m \
-          FROM unnest($1::bigint[], $4::text[], $5::jsonb[], $6::jsonb[]) WITH ORDINALITY AS u(p, t, d, m, o) \
-          RETURNING e",
-    types: &[
-        pg_sys::INT8ARRAYOID,
-        pg_sys::TEXTOID,
-        pg_sys::INT8OID,
-        pg_sys::TEXTARRAYOID,
-        pg_sys::JSONBARRAYOID,
-        pg_sys::JSONBARRAYOID,
-    ],
-};
+const INSERT_MANY_TYPES: &[pg_sys::Oid] = &[
+    pg_sys::INT8ARRAYOID,
+    pg_sys::TEXTOID,
+    pg_sys::INT8OID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::JSONBARRAYOID,
+    pg_sys::JSONBARRAYOID,
+];
+
+/// The insert of several events, as `INSERT_ONE`.
+static INSERT_MANY: [Stmt; 2] = [
+    Stmt {
+        sql: "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata) \
+              SELECT u.p, $2, $3 + u.o, u.t, u.d, u.m \
+              FROM unnest($1::bigint[], $4::text[], $5::jsonb[], $6::jsonb[]) WITH ORDINALITY AS u(p, t, d, m, o)",
+        types: INSERT_MANY_TYPES,
+    },
+    Stmt {
+        sql: "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata) \
+              SELECT u.p, $2, $3 + u.o, u.t, u.d, u.m \
+              FROM unnest($1::bigint[], $4::text[], $5::jsonb[], $6::jsonb[]) WITH ORDINALITY AS u(p, t, d, m, o) \
+              RETURNING e",
+        types: INSERT_MANY_TYPES,
+    },
+];
 
 fn next_position(cat: &Catalog) -> i64 {
     unsafe {
@@ -206,22 +226,29 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
 
     // A2..A5: the registry lock, the subscribed inline projections, their locks, their status.
     handoff::lock(handoff::REGISTRY, Mode::Shared);
-    let mut projections = registry::subscribed_inline(&types);
+    let (view, epoch) = registry::inline_projections(&cat);
+    let mut projections: Vec<Projection> = view.iter().filter(|p| registry::subscribes(p, &types)).cloned().collect();
     if !projections.is_empty() {
         for p in &projections {
             handoff::lock(p.id as u32, Mode::Shared);
         }
-        projections = registry::subscribed_inline(&types);
+        // A5: read again unless no change committed since the view was read (same epoch).
+        let (view, now) = registry::inline_projections(&cat);
+        if now.is_none() || now != epoch {
+            projections = view.iter().filter(|p| registry::subscribes(p, &types)).cloned().collect();
+        }
     }
     projections.retain(Projection::is_active);
     // A6: a handler must not run on a snapshot that cannot see the hand-off it crossed.
     if handoff::uses_transaction_snapshot() {
-        if let Some(p) = projections.iter().find(|p| !handoff::visible_to_transaction_snapshot(p.xmin)) {
-            raise(&CrossedHandoff { projection: p.name.clone() });
+        let latest: Vec<(i32, i64, &str)> = projections.iter().map(|p| (p.id, p.generation, p.name.as_str())).collect();
+        if let Some(name) = handoff::first_crossed(&latest) {
+            raise(&CrossedHandoff { projection: name.into() });
         }
     }
 
     let n = events.len() as i64;
+    let returning = usize::from(!projections.is_empty());
     let cxt = unsafe { pg_sys::CurrentMemoryContext };
     let written: Result<(Vec<pg_sys::Datum>, Vec<i64>), LogError> = catalog::privileged(&cat, || {
         Spi::connect(|_| {
@@ -243,7 +270,7 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
             let rows = if events.len() == 1 {
                 let e = &events[0];
                 spi::exec(
-                    &INSERT_ONE,
+                    &INSERT_ONE[returning],
                     &[
                         spi::int8(positions[0]),
                         spi::text(stream),
@@ -260,7 +287,7 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
                 let data: Vec<pg_sys::Datum> = events.iter().map(|e| e.data).collect();
                 let meta = metadata_array(events);
                 spi::exec(
-                    &INSERT_MANY,
+                    &INSERT_MANY[returning],
                     &[
                         positions.clone().into_datum(),
                         spi::text(stream),

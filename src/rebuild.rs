@@ -303,6 +303,7 @@ pub fn cancel(name: Option<&str>) -> Result<Option<i64>, RebuildError> {
 pub struct Rebuild {
     pub id: i64,
     pub target_position: i64,
+    pub behind: Option<i64>,
     pub strategy: Strategy,
     pub phase: String,
     pub new_handler: Option<pg_sys::Oid>,
@@ -314,7 +315,7 @@ pub struct Rebuild {
 
 static OPEN: Stmt = Stmt {
     sql: "SELECT id, strategy, phase, new_handler::oid, setup_function::oid, build_schema, checkpoint, cancel_requested, \
-                 coalesce(target_position, 0) \
+                 coalesce(target_position, 0), behind \
           FROM ep.rebuilds WHERE projection_id = $1 AND status IN ('queued', 'running')",
     types: &[pg_sys::INT4OID],
 };
@@ -333,6 +334,7 @@ pub fn open(id: i32) -> Option<Rebuild> {
             checkpoint: r.get(0, 7).unwrap_or(0),
             cancel_requested: r.get(0, 8).unwrap_or(false),
             target_position: r.get(0, 9).unwrap_or(0),
+            behind: r.get(0, 10),
         })
     })
 }
@@ -373,7 +375,7 @@ static SET_STATUS: Stmt = Stmt {
 };
 
 static START: Stmt = Stmt {
-    sql: "UPDATE ep.rebuilds SET status = 'running', phase = 'replaying', checkpoint = 0, events_done = 0, \
+    sql: "UPDATE ep.rebuilds SET status = 'running', phase = 'replaying', checkpoint = 0, events_done = 0, behind = NULL, \
                  started_at = pg_catalog.now(), build_schema = $2, \
                  target_position = (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM ep.global_position_seq), \
                  events_total = (SELECT pg_catalog.count(*) FROM ep.events e, ep.projections p \
@@ -384,8 +386,8 @@ static START: Stmt = Stmt {
 
 static ADVANCE: Stmt = Stmt {
     sql: "UPDATE ep.rebuilds SET checkpoint = $2, events_done = events_done + $3, \
-                 events_total = GREATEST(events_total, events_done + $3) WHERE id = $1",
-    types: &[pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID],
+                 events_total = GREATEST(events_total, events_done + $3), behind = $4 WHERE id = $1",
+    types: &[pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID],
 };
 
 static FINISH: Stmt = Stmt {
@@ -553,11 +555,6 @@ fn rebuild_handler(p: &Projection, r: &Rebuild) -> crate::handler::Handler {
     }
 }
 
-thread_local! {
-    /// The distance to the head after the previous replay step of each rebuild this process ran.
-    static LAST_GAP: std::cell::RefCell<std::collections::HashMap<i64, i64>> = Default::default();
-}
-
 /// R1..Rk / B1..Bk, and the hand-off Rf / Bf once the replay is within one batch of the head, or
 /// no longer gaining on it (appends outpacing the replay): then the hand-off catches up the rest
 /// under the lock, and appends to this projection wait for that. Without this a rebuild under a
@@ -567,12 +564,11 @@ fn replay_or_handoff(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
     let hw = highwater::compute();
     let batch = registry::batch_size();
     let gap = hw - r.checkpoint;
-    let previous = LAST_GAP.with(|m| m.borrow_mut().insert(r.id, gap));
-    let gaining = previous.is_none_or(|g| gap < g);
+    let gaining = r.behind.is_none_or(|previous| gap < previous);
     if gap > batch && gaining {
         let a = replay::apply(&h, p.filter(), cat.events_type, r.checkpoint, hw, batch, Snap::Fresh);
         let checkpoint = if a.exhausted { hw } else { a.last };
-        exec_priv(cat, &ADVANCE, &[r.id.into_datum(), spi::int8(checkpoint), spi::int8(a.events)]);
+        exec_priv(cat, &ADVANCE, &[r.id.into_datum(), spi::int8(checkpoint), spi::int8(a.events), spi::int8(gap)]);
         return Progress::Busy;
     }
     handoff_final(cat, p, r, &h)
@@ -592,7 +588,7 @@ fn handoff_final(cat: &Catalog, p: &Projection, r: &Rebuild, h: &crate::handler:
             break;
         }
     }
-    exec_priv(cat, &ADVANCE, &[r.id.into_datum(), spi::int8(after), spi::int8(done)]);
+    exec_priv(cat, &ADVANCE, &[r.id.into_datum(), spi::int8(after), spi::int8(done), spi::int8(0)]);
     let mut previous = None;
     match r.strategy {
         Strategy::InPlace => {

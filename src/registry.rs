@@ -2,7 +2,7 @@
 //! views of it that appends, rebuilds and the worker read.
 
 use crate::catalog::{self, Catalog};
-use crate::error::{required, required_text, ArgError, OrRaise, SqlError};
+use crate::error::{required, required_text, ArgError, SqlError};
 use crate::handler::{self, Handler};
 use crate::handoff::{self, Mode};
 use crate::replay;
@@ -48,8 +48,6 @@ pub struct Projection {
     pub status: String,
     pub generation: i64,
     pub position: i64,
-    /// xmin of the row version read: A6 checks it against the transaction snapshot.
-    pub xmin: u32,
 }
 
 impl Projection {
@@ -85,7 +83,7 @@ macro_rules! with_columns {
         concat!(
             $head,
             "id, name, handler::oid, batch, mode, event_types, read_model_schema, owner::oid, \
-             search_path, status, generation, position, xmin::text::bigint",
+             search_path, status, generation, position",
             $tail
         )
     };
@@ -105,16 +103,12 @@ fn row_to_projection(rows: &spi::Rows, i: usize) -> Projection {
         status: rows.get(i, 10).unwrap_or_default(),
         generation: rows.get(i, 11).unwrap_or(0),
         position: rows.get(i, 12).unwrap_or(0),
-        xmin: rows.get::<i64>(i, 13).unwrap_or(0) as u32,
     }
 }
 
-static SUBSCRIBED_INLINE: Stmt = Stmt {
-    sql: with_columns!(
-        "SELECT ",
-        " FROM ep.projections WHERE mode = 'inline' AND (event_types IS NULL OR event_types && $1) ORDER BY id"
-    ),
-    types: &[pg_sys::TEXTARRAYOID],
+static INLINE: Stmt = Stmt {
+    sql: with_columns!("SELECT ", " FROM ep.projections WHERE mode = 'inline' ORDER BY id"),
+    types: &[],
 };
 
 static BY_NAME: Stmt = Stmt {
@@ -137,9 +131,53 @@ fn collect(rows: &spi::Rows) -> Vec<Projection> {
     (0..rows.len()).map(|i| row_to_projection(rows, i)).collect()
 }
 
-/// A3/A5: the inline projections subscribed to any of `types`, read with a snapshot taken now.
-pub fn subscribed_inline(types: &[&str]) -> Vec<Projection> {
-    Spi::connect(|_| collect(&spi::exec(&SUBSCRIBED_INLINE, &[types.to_vec().into_datum()], Snap::Latest, 0)))
+/// The inline projections as of registry epoch `epoch`, kept per backend.
+struct InlineView {
+    namespace: pg_sys::Oid,
+    epoch: u64,
+    projections: std::rc::Rc<Vec<Projection>>,
+}
+
+thread_local! {
+    static INLINE_VIEW: std::cell::RefCell<Option<InlineView>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A3/A5: every inline projection, as a snapshot taken now would read them, and the registry epoch
+/// that view belongs to. Read from the catalog only when the epoch moved since the last read: a
+/// change of ep.projections bumps the epoch after its commit is visible and before its locks are
+/// released, so a caller holding the registry lock (A2) or a projection lock (A4) that finds the
+/// epoch unchanged knows no change committed since the view was read (DESIGN.md 2, "The view of
+/// the registry").
+pub fn inline_projections(cat: &Catalog) -> (std::rc::Rc<Vec<Projection>>, Option<u64>) {
+    // Without shared memory (not preloaded) there is no epoch to trust: None, never equal.
+    let epoch = crate::inflight::available().then(crate::inflight::registry_epoch);
+    if let Some(e) = epoch {
+        if let Some(v) = INLINE_VIEW.with(|c| {
+            c.borrow().as_ref().filter(|v| v.epoch == e && v.namespace == cat.namespace).map(|v| v.projections.clone())
+        }) {
+            return (v, epoch);
+        }
+    }
+    // The epoch is read before the catalog: a change racing with this read leaves a view that is
+    // at least as new as its epoch says, and the next call reads again.
+    let projections = std::rc::Rc::new(Spi::connect(|_| collect(&spi::exec(&INLINE, &[], Snap::Latest, 0))));
+    if let Some(epoch) = epoch {
+        INLINE_VIEW.with(|c| {
+            *c.borrow_mut() = Some(InlineView { namespace: cat.namespace, epoch, projections: projections.clone() })
+        });
+    }
+    (projections, epoch)
+}
+
+/// Forgets the kept view (the registry changed in this transaction, which the epoch shows to
+/// others only at commit).
+pub fn forget_inline_view() {
+    INLINE_VIEW.with(|c| *c.borrow_mut() = None);
+}
+
+/// Whether projection `p` receives events of any of `types`.
+pub fn subscribes(p: &Projection, types: &[&str]) -> bool {
+    p.event_types.as_ref().is_none_or(|t| t.iter().any(|t| types.contains(&t.as_str())))
 }
 
 /// A projection by name, read with a snapshot taken now.
@@ -456,9 +494,4 @@ pub fn unregister(name: Option<&str>) -> Result<(), RegistryError> {
     });
     crate::inflight::bump_epoch_at_commit();
     Ok(())
-}
-
-/// The projection, or the error that names it.
-pub fn require(name: &str) -> Projection {
-    by_name(name).ok_or_else(|| RegistryError::Unknown(name.into())).or_raise()
 }

@@ -63,11 +63,6 @@ static PROGRESS: Stmt = Stmt {
     types: &[pg_sys::INT4OID],
 };
 
-static GENERATION_IN_SNAPSHOT: Stmt = Stmt {
-    sql: "SELECT generation FROM ep.projections WHERE id = $1",
-    types: &[pg_sys::INT4OID],
-};
-
 /// `ep_require_ready`: true, or an error (55000) saying what the projection is doing. Under
 /// REPEATABLE READ or SERIALIZABLE, also 40001 when a hand-off (a rebuild's switch) committed after
 /// the transaction's snapshot: the names in the query would resolve to tables the snapshot sees
@@ -83,12 +78,8 @@ pub fn require_ready(name: Option<&str>) -> Result<bool, StatusError> {
         let progress = Spi::connect(|_| spi::exec(&PROGRESS, &[p.id.into_datum()], Snap::Latest, 0).get::<String>(0, 1));
         return Err(StatusError::NotReady { projection: p.name, status: p.status, progress });
     }
-    if handoff::uses_transaction_snapshot() {
-        let seen: Option<i64> =
-            Spi::connect(|c| c.select(GENERATION_IN_SNAPSHOT.sql, None, &[p.id.into()]).ok()?.first().get_one().ok()?);
-        if seen != Some(p.generation) {
-            crate::error::raise(&CrossedHandoff { projection: p.name });
-        }
+    if handoff::uses_transaction_snapshot() && handoff::first_crossed(&[(p.id, p.generation, &p.name)]).is_some() {
+        crate::error::raise(&CrossedHandoff { projection: p.name });
     }
     Ok(true)
 }

@@ -100,7 +100,7 @@ pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
             pg_sys::MemoryContextSwitchTo(worker_cxt);
             pg_sys::MemoryContextReset(worker_cxt);
         }
-        let busy = run_round(index + round);
+        let busy = run_round(index, index + round);
         round = round.wrapping_add(1);
         if !busy {
             rebuild_sleep(settings::naptime_ms() as i64);
@@ -196,9 +196,11 @@ fn candidates(rotate: usize) -> Vec<Projection> {
 }
 
 /// One pass over the projections. True when any step did work.
-fn run_round(rotate: usize) -> bool {
+fn run_round(index: usize, rotate: usize) -> bool {
     let mut busy = false;
-    for p in candidates(rotate) {
+    let work = candidates(rotate);
+    inflight::want_wakeups(index, !work.is_empty());
+    for p in work {
         let owned = in_transaction("event_projections: claiming", || handoff::try_own(p.id as u32)).unwrap_or(false);
         if !owned {
             continue;

@@ -14,6 +14,8 @@ use std::fmt::Debug;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
+pub mod served;
+
 pub use postgres;
 pub use serde_json::json;
 

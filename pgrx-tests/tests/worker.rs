@@ -5,115 +5,10 @@
 
 use ep_connection_tests::postgres::error::SqlState;
 use ep_connection_tests::postgres::{Client, IsolationLevel};
+use ep_connection_tests::served::*;
 use ep_connection_tests::*;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-static TURN: Mutex<()> = Mutex::new(());
-
-/// The database the worker serves: EP_WORKER_DB, default `ep`.
-fn served_db() -> String {
-    std::env::var("EP_WORKER_DB").unwrap_or_else(|_| "ep".into())
-}
-
-/// The served database with a fresh extension; holds the turn until dropped.
-struct Served {
-    _turn: std::sync::MutexGuard<'static, ()>,
-}
-
-impl Served {
-    fn fresh() -> (Served, Client) {
-        let turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
-        let mut c = connect(&served_db());
-        c.batch_execute(
-            "SET client_min_messages = warning;
-             DROP EXTENSION IF EXISTS event_projections CASCADE;
-             DO $$ DECLARE s text; BEGIN
-               FOR s IN SELECT nspname FROM pg_namespace WHERE nspname LIKE 'w\\_%' LOOP
-                 EXECUTE format('DROP SCHEMA %I CASCADE', s);
-               END LOOP; END $$;
-             CREATE EXTENSION event_projections;",
-        )
-        .unwrap_or_else(|e| panic!("resetting the served database: {}", show(&e)));
-        settings(&mut c, &["ALTER SYSTEM RESET event_projections.max_attempts", "ALTER SYSTEM RESET event_projections.retry_backoff"]);
-        (Served { _turn: turn }, c)
-    }
-
-    fn connect(&self) -> Client {
-        connect(&served_db())
-    }
-}
-
-/// ALTER SYSTEM statements (one per call: they refuse a transaction block), then a reload.
-fn settings(c: &mut Client, stmts: &[&str]) {
-    for sql in stmts.iter().chain(&["SELECT pg_reload_conf()"]) {
-        c.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {}", show(&e)));
-    }
-}
-
-/// A counts model whose handler, when run by the worker, first waits on advisory lock `gate`: the
-/// test holds that lock exclusively to stop a rebuild mid-replay at a point of its choosing.
-fn create_gated_counts(c: &mut Client, schema: &str, gate: i64) {
-    create_counts_model(c, schema);
-    c.batch_execute(&format!(
-        "CREATE OR REPLACE FUNCTION {schema}.gate() RETURNS void LANGUAGE plpgsql AS $$
-         BEGIN
-           IF current_setting('application_name') LIKE 'event_projections worker%' THEN
-             PERFORM pg_advisory_xact_lock_shared({gate});
-           END IF;
-         END $$;
-         CREATE FUNCTION {schema}.gated(e ep.events) RETURNS void LANGUAGE plpgsql AS $$
-         BEGIN PERFORM {schema}.gate(); PERFORM {schema}.count_event(e); END $$;"
-    ))
-    .unwrap_or_else(|e| panic!("{}", show(&e)));
-}
-
-fn register(c: &mut Client, name: &str, handler: &str, mode: &str, schema: &str) {
-    c.execute(
-        "SELECT ep_register_projection($1, $2::text::regprocedure, $3, NULL, $4)",
-        &[&name, &handler, &mode, &schema],
-    )
-    .unwrap_or_else(|e| panic!("registering {name}: {}", show(&e)));
-}
-
-fn rebuild(c: &mut Client, name: &str, strategy: &str) -> i64 {
-    c.query_one("SELECT ep_rebuild($1, $2)", &[&name, &strategy])
-        .unwrap_or_else(|e| panic!("ep_rebuild({name}, {strategy}): {}", show(&e)))
-        .get(0)
-}
-
-fn rebuild_wait(c: &mut Client, id: i64) -> String {
-    c.query_one("SELECT ep_rebuild_wait($1, '2 minutes')", &[&id])
-        .unwrap_or_else(|e| panic!("ep_rebuild_wait({id}): {}", show(&e)))
-        .get(0)
-}
-
-fn status(c: &mut Client, name: &str) -> String {
-    c.query_one("SELECT status FROM ep.projections WHERE name = $1", &[&name]).map(|r| r.get(0)).unwrap_or_default()
-}
-
-fn rebuild_status(c: &mut Client, id: i64) -> (String, String, i64) {
-    let r = c.query_one("SELECT status, phase, events_done FROM ep.rebuilds WHERE id = $1", &[&id]).expect("rebuild row");
-    (r.get(0), r.get(1), r.get(2))
-}
-
-fn wait_for(c: &mut Client, name: &str, position: i64, timeout: &str) -> bool {
-    c.query_one(&format!("SELECT ep_wait_for($1, $2, '{timeout}')"), &[&name, &position])
-        .unwrap_or_else(|e| panic!("ep_wait_for({name}): {}", show(&e)))
-        .get(0)
-}
-
-fn head(c: &mut Client) -> i64 {
-    c.query_one("SELECT coalesce(max(global_position), 0) FROM ep.events", &[]).unwrap().get(0)
-}
-
-fn fill(c: &mut Client, streams: usize, events: usize) {
-    c.batch_execute(&format!(
-        "SELECT count(ep_append('s' || (i % {streams}), 'T', jsonb_build_object('i', i))) FROM generate_series(1, {events}) i"
-    ))
-    .unwrap_or_else(|e| panic!("filling the log: {}", show(&e)));
-}
 
 /// The seeds' schedule (second seed document), made deterministic with a lock as a barrier:
 /// 1. an in-place rebuild is replaying (stopped by the gate);
@@ -360,23 +255,6 @@ fn rebuilds_and_registration_under_concurrent_writers() {
     eprintln!("serialization failures retried: {}", retries.load(Ordering::SeqCst));
     for schema in ["w_a", "w_b", "w_c"] {
         assert_counts_match_log(&mut c, schema);
-    }
-}
-
-/// Sets the flag when dropped, also while unwinding from a panic.
-struct StopOnDrop<'a>(&'a AtomicBool);
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-/// A small deterministic generator (the schedule is replayable from EP_SEED).
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        self.0 >> 33
     }
 }
 
