@@ -169,3 +169,33 @@ fn async_delivery_resumes_after_the_worker_is_killed() {
 fn async_delivery_resumes_after_an_immediate_shutdown() {
     delivery_survives(Crash::ImmediateStop);
 }
+
+/// Without event_projections in `shared_preload_libraries` (another library instead), appends and inline projections work, and the calls that
+/// need the worker say how to enable it.
+#[test]
+fn without_the_preload_the_worker_calls_say_how_to_enable_it() {
+    let (_served, mut c) = Served::fresh();
+    create_counts_projection(&mut c, "np", "w_np");
+    c.batch_execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'").unwrap();
+    cluster(&["restart"]);
+    let result = std::panic::catch_unwind(|| {
+        let mut c = reconnect();
+        append(&mut c, "s", "T", &json!({}), None).expect("appends work without the preload");
+        assert_counts_match_log(&mut c, "w_np");
+        let err = expect_sqlstate(
+            c.query_one("SELECT ep_rebuild('np')", &[]),
+            &ep_connection_tests::postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "ep_rebuild without the preload",
+        );
+        assert!(err.hint().unwrap_or_default().contains("shared_preload_libraries"), "{:?}", err.hint());
+        c.batch_execute("CREATE SCHEMA w_np2; CREATE TABLE w_np2.counts (stream_id text, n bigint, last_position bigint);").unwrap();
+        let r = c.execute("SELECT ep_register_projection('np2', 'w_np.count_event(ep.events)', 'async', NULL, 'w_np2')", &[]);
+        expect_sqlstate(r, &ep_connection_tests::postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "async without the preload");
+    });
+    let mut c = reconnect();
+    c.batch_execute("ALTER SYSTEM RESET shared_preload_libraries").unwrap();
+    cluster(&["restart"]);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}

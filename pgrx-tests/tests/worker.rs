@@ -473,3 +473,75 @@ fn the_worker_is_visible() {
     assert!(wait_for(&mut c, "alive", p, "10 s"), "the worker did not pick up the re-created extension");
     eprintln!("delivery after re-creation took {:?}", started.elapsed());
 }
+
+/// A running rebuild can be cancelled: blue-green drops its copy and leaves the live model as it
+/// was; in-place leaves the projection `stale` (its model was emptied), which readers are told.
+#[test]
+fn a_running_rebuild_can_be_cancelled() {
+    let (served, mut c) = Served::fresh();
+    create_gated_counts(&mut c, "w_cancel", 9003);
+    register(&mut c, "cancel", "w_cancel.gated(ep.events)", "inline", "w_cancel");
+    fill(&mut c, 4, 2000);
+    let mut gate = served.connect();
+    gate.batch_execute("SELECT pg_advisory_lock(9003)").unwrap();
+
+    let id = rebuild(&mut c, "cancel", "blue_green");
+    assert!(wait_until(Duration::from_secs(30), || Ok(rebuild_status(&mut c, id).1 == "replaying")).unwrap());
+    let build = format!("w_cancel__ep_build_{id}");
+    let cancelled: Option<i64> = c.query_one("SELECT ep_cancel_rebuild('cancel')", &[]).unwrap().get(0);
+    assert_eq!(cancelled, Some(id));
+    gate.batch_execute("SELECT pg_advisory_unlock(9003)").unwrap();
+    assert_eq!(rebuild_wait(&mut c, id), "cancelled");
+    let copies: i64 = c.query_one("SELECT count(*) FROM pg_namespace WHERE nspname = $1", &[&build]).unwrap().get(0);
+    assert_eq!(copies, 0, "a cancelled blue-green rebuild must drop its copy");
+    assert_eq!(status(&mut c, "cancel"), "active");
+    assert_counts_match_log(&mut c, "w_cancel");
+
+    gate.batch_execute("SELECT pg_advisory_lock(9003)").unwrap();
+    let id = rebuild(&mut c, "cancel", "in_place");
+    assert!(wait_until(Duration::from_secs(30), || Ok(status(&mut c, "cancel") == "rebuilding")).unwrap());
+    c.query_one("SELECT ep_cancel_rebuild('cancel')", &[]).unwrap();
+    gate.batch_execute("SELECT pg_advisory_unlock(9003)").unwrap();
+    assert_eq!(rebuild_wait(&mut c, id), "cancelled");
+    assert_eq!(status(&mut c, "cancel"), "stale");
+    let r = c.query_one("SELECT count(*) FROM w_cancel.counts WHERE ep_require_ready('cancel')", &[]);
+    expect_sqlstate(r, &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "reading a stale projection");
+    // Appends skip a stale projection; the next rebuild makes it whole again.
+    append(&mut c, "s0", "T", &json!({}), None).unwrap();
+    let id = rebuild(&mut c, "cancel", "in_place");
+    assert_eq!(rebuild_wait(&mut c, id), "done");
+    assert_counts_match_log(&mut c, "w_cancel");
+}
+
+/// Batch handlers (`ep.events[]`) in every path of an inline projection: the registration build,
+/// appends, and both rebuild strategies; the result equals a replay.
+#[test]
+fn batch_handlers_in_rebuilds() {
+    let (_served, mut c) = Served::fresh();
+    fill(&mut c, 7, 2500);
+    c.batch_execute(
+        "CREATE SCHEMA w_bh;
+         CREATE TABLE w_bh.counts (stream_id text PRIMARY KEY, n bigint NOT NULL, last_position bigint NOT NULL);
+         CREATE TABLE w_bh.calls (size int NOT NULL);
+         CREATE FUNCTION w_bh.count_batch(es ep.events[]) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO calls VALUES (cardinality(es));
+           INSERT INTO counts AS c
+           SELECT e.stream_id, count(*), max(e.global_position) FROM unnest(es) e GROUP BY e.stream_id
+           ON CONFLICT (stream_id) DO UPDATE SET n = c.n + excluded.n, last_position = excluded.last_position;
+         END $$;",
+    )
+    .unwrap();
+    register(&mut c, "bh", "w_bh.count_batch(ep.events[])", "inline", "w_bh");
+    assert_counts_match_log(&mut c, "w_bh");
+    append_events(&mut c, "s1", &[("T", json!({})), ("T", json!({}))], None).unwrap();
+    assert_counts_match_log(&mut c, "w_bh");
+    for strategy in ["in_place", "blue_green"] {
+        let id = rebuild(&mut c, "bh", strategy);
+        assert_eq!(rebuild_wait(&mut c, id), "done");
+        assert_counts_match_log(&mut c, "w_bh");
+    }
+    // Rebuilds called it with batches, not once per event.
+    let big: i64 = c.query_one("SELECT count(*) FROM w_bh.calls WHERE size > 1", &[]).unwrap().get(0);
+    assert!(big > 0, "the rebuild never passed a batch");
+}
