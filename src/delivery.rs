@@ -137,12 +137,13 @@ fn rebuild_step(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
         (Strategy::InPlace, "queued") => {
             rebuild::truncate_model(p);
             exec(cat, &ASYNC_RESET, &[p.id.into_datum()]);
-            rebuild::mark_started(cat, p, r, None);
+            rebuild::mark_started(cat, r, None);
             inflight::bump_epoch_at_commit();
             Progress::Busy
         }
         (Strategy::InPlace, _) => {
             // Re-delivery from position 0; done once past the head of the log at the start.
+            rebuild::count_total(cat, p, r);
             let st = state(p.id);
             let progress = deliver(cat, p, &p.live_handler(), &st);
             let now = registry::by_id(p.id).map(|q| q.position).unwrap_or(p.position);
@@ -162,6 +163,7 @@ fn rebuild_step(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
         (Strategy::BlueGreen, _) => {
             // The live copy keeps being delivered to, and the copy is built up to the high-water
             // mark in the same step; it is switched in once it has reached the live checkpoint.
+            rebuild::count_total(cat, p, r);
             let st = state(p.id);
             deliver(cat, p, &p.live_handler(), &st);
             let live = registry::by_id(p.id).map(|q| q.position).unwrap_or(p.position);

@@ -374,14 +374,23 @@ static SET_STATUS: Stmt = Stmt {
     types: &[pg_sys::INT4OID, pg_sys::TEXTOID],
 };
 
+// Counting the events to replay reads the whole log: never under the hand-off lock. R0 leaves
+// events_total NULL and the first replay step (no lock) fills it in (`COUNT_TOTAL`).
 static START: Stmt = Stmt {
     sql: "UPDATE ep.rebuilds SET status = 'running', phase = 'replaying', checkpoint = 0, events_done = 0, behind = NULL, \
-                 started_at = pg_catalog.now(), build_schema = $2, \
-                 target_position = (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM ep.global_position_seq), \
-                 events_total = (SELECT pg_catalog.count(*) FROM ep.events e, ep.projections p \
-                                 WHERE p.id = $3 AND (p.event_types IS NULL OR e.event_type = ANY (p.event_types))) \
+                 started_at = pg_catalog.now(), build_schema = $2, events_total = NULL, \
+                 target_position = (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM ep.global_position_seq) \
           WHERE id = $1",
-    types: &[pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::INT4OID],
+    types: &[pg_sys::INT8OID, pg_sys::TEXTOID],
+};
+
+static COUNT_TOTAL: Stmt = Stmt {
+    sql: "UPDATE ep.rebuilds r SET events_total = r.events_done + \
+                 (SELECT pg_catalog.count(*) FROM ep.events e, ep.projections p \
+                   WHERE p.id = $2 AND e.global_position > r.checkpoint \
+                     AND (p.event_types IS NULL OR e.event_type = ANY (p.event_types))) \
+          WHERE r.id = $1 AND r.events_total IS NULL",
+    types: &[pg_sys::INT8OID, pg_sys::INT4OID],
 };
 
 static ADVANCE: Stmt = Stmt {
@@ -435,8 +444,14 @@ pub fn truncate_model(p: &Projection) {
 }
 
 /// Marks the rebuild running, with its build schema and the number of events it will replay.
-pub fn mark_started(cat: &Catalog, p: &Projection, r: &Rebuild, build: Option<&str>) {
-    exec_priv(cat, &START, &[r.id.into_datum(), build.and_then(spi::text), p.id.into_datum()]);
+pub fn mark_started(cat: &Catalog, r: &Rebuild, build: Option<&str>) {
+    exec_priv(cat, &START, &[r.id.into_datum(), build.and_then(spi::text)]);
+}
+
+/// Fills in the number of events a running rebuild will replay, once (it reads the whole log, so
+/// a replay step does it, never a hand-off).
+pub fn count_total(cat: &Catalog, p: &Projection, r: &Rebuild) {
+    exec_priv(cat, &COUNT_TOTAL, &[r.id.into_datum(), p.id.into_datum()]);
 }
 
 /// R0: the hand-off that empties the live model and makes appends skip the projection.
@@ -444,7 +459,7 @@ fn start_in_place(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
     lock_for_handoff(p);
     exec_priv(cat, &SET_STATUS, &[p.id.into_datum(), spi::text("rebuilding")]);
     truncate_model(p);
-    mark_started(cat, p, r, None);
+    mark_started(cat, r, None);
     inflight::bump_epoch_at_commit();
     Progress::Busy
 }
@@ -488,7 +503,7 @@ pub fn create_build_copy(cat: &Catalog, p: &Projection, r: &Rebuild) {
             }
         }
     }
-    mark_started(cat, p, r, Some(&build));
+    mark_started(cat, r, Some(&build));
 }
 
 fn build_schema_name(live: &str, id: i64) -> String {
@@ -555,7 +570,12 @@ fn rebuild_handler(p: &Projection, r: &Rebuild) -> crate::handler::Handler {
     }
 }
 
-/// R1..Rk / B1..Bk, and the hand-off Rf / Bf once the replay is within one batch of the head, or
+/// The distance to the head at which the replay hands off.
+fn handoff_threshold(batch: i64) -> i64 {
+    (batch / 20).max(1)
+}
+
+/// R1..Rk / B1..Bk, and the hand-off Rf / Bf once the replay is within a twentieth of a batch of the head, or
 /// no longer gaining on it (appends outpacing the replay): then the hand-off catches up the rest
 /// under the lock, and appends to this projection wait for that. Without this a rebuild under a
 /// sustained write load faster than its handler would never finish.
@@ -563,9 +583,13 @@ fn replay_or_handoff(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
     let h = rebuild_handler(p, r);
     let hw = highwater::compute();
     let batch = registry::batch_size();
+    count_total(cat, p, r);
     let gap = hw - r.checkpoint;
     let gaining = r.behind.is_none_or(|previous| gap < previous);
-    if gap > batch && gaining {
+    // Hand off only when the catch-up under the lock is small: appends to this projection wait
+    // for it. Each replay step takes the distance that built up during the previous one, so the
+    // gap shrinks to what arrives during one short step.
+    if gap > handoff_threshold(batch) && gaining {
         let a = replay::apply(&h, p.filter(), cat.events_type, r.checkpoint, hw, batch, Snap::Fresh);
         let checkpoint = if a.exhausted { hw } else { a.last };
         exec_priv(cat, &ADVANCE, &[r.id.into_datum(), spi::int8(checkpoint), spi::int8(a.events), spi::int8(gap)]);
