@@ -68,7 +68,7 @@ mod ep {
     }
 
     /// Any change of ep.projections that matters to appends moves the registry epoch at commit
-    /// (`registry::inline_projections` relies on it, whoever makes the change).
+    /// (`registry::projections_for_appends` relies on it, whoever makes the change).
     #[pg_trigger]
     fn projections_changed<'a>(
         _t: &'a PgTrigger<'a>,

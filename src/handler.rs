@@ -88,15 +88,24 @@ unsafe fn call1(finfo: *mut pg_sys::FmgrInfo, arg: pg_sys::Datum) {
 }
 
 impl Handler {
-    /// Calls the handler with `arg`: one `ep.events` value, or an `ep.events[]` for batch
-    /// handlers. `what` describes the events for an error message. A handler error is raised again
-    /// with the projection named and its SQLSTATE kept.
-    pub fn call(&self, arg: pg_sys::Datum, what: &dyn Fn() -> String) {
+    /// Calls the handler with each of `args` in order (`ep.events` values, or one `ep.events[]`
+    /// per call for batch handlers), under the owner's role and search_path, set once for all of
+    /// them. `before(i)` runs before call `i`; `what(i)` describes call `i`'s events for an error
+    /// message. A handler error is raised again with the projection named and its SQLSTATE kept.
+    pub fn call_all(&self, args: &[pg_sys::Datum], mut before: impl FnMut(usize), what: impl Fn(usize) -> String) {
         let function = self.function;
-        let result = PgTryBuilder::new(|| {
-            catalog::run_as(self.owner, &self.search_path, || unsafe { call1(fmgr_for(function), arg) });
+        let current = std::cell::Cell::new(0usize);
+        let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+            catalog::run_as(self.owner, &self.search_path, || unsafe {
+                let finfo = fmgr_for(function);
+                for (i, arg) in args.iter().enumerate() {
+                    current.set(i);
+                    before(i);
+                    call1(finfo, *arg);
+                }
+            });
             None
-        })
+        }))
         .catch_others(|e| Some(e))
         .execute();
         if let Some(e) = result {
@@ -120,7 +129,7 @@ impl Handler {
             }
             let mut report = pg_sys::panic::ErrorReport::new(
                 code,
-                format!("projection \"{}\" failed on {}: {}", self.projection, what(), message),
+                format!("projection \"{}\" failed on {}: {}", self.projection, what(current.get()), message),
                 "event_projections",
             );
             report = report.set_detail(detail.unwrap_or_else(|| {
@@ -131,6 +140,11 @@ impl Handler {
             }
             report.report(PgLogLevel::ERROR);
         }
+    }
+
+    /// Calls the handler once with `arg`.
+    pub fn call(&self, arg: pg_sys::Datum, what: &dyn Fn() -> String) {
+        self.call_all(&[arg], |_| {}, |_| what());
     }
 }
 

@@ -55,6 +55,8 @@ static mut HOLDING: bool = false;
 static mut CALLBACK_REGISTERED: bool = false;
 /// True when this transaction changed the registry or handed a projection off.
 static mut BUMP_AT_COMMIT: bool = false;
+/// True when this transaction appended an event some async projection receives.
+static mut WAKE_AT_COMMIT: bool = false;
 
 fn shared_size(nslots: usize) -> usize {
     std::mem::size_of::<Shared>() + nslots * std::mem::size_of::<Slot>()
@@ -161,6 +163,13 @@ pub fn begin_allocation() {
     }
 }
 
+/// The commit of this transaction should wake the workers: it appends an event an async projection
+/// receives.
+pub fn wake_at_commit() {
+    ensure_callback();
+    unsafe { WAKE_AT_COMMIT = true };
+}
+
 /// A8, second half: the smallest position this call took.
 pub fn end_allocation(smallest: i64) {
     let Some(slot) = my_slot() else { return };
@@ -222,7 +231,7 @@ pub fn in_flight() -> Vec<(i32, i64)> {
 
 /// The registry epoch: bumped whenever a committed change of `ep.projections` may have changed what
 /// appends must do (a trigger on the table calls `bump_epoch_at_commit`). Appends keep their view
-/// of the registry as long as it has not moved (`registry::inline_projections`).
+/// of the registry as long as it has not moved (`registry::projections_for_appends`).
 pub fn registry_epoch() -> u64 {
     shared().map(|s| s.registry_epoch.load(Ordering::SeqCst)).unwrap_or(0)
 }
@@ -306,11 +315,15 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
                 if HOLDING {
                     HOLDING = false;
                     release_slot();
+                }
+                if WAKE_AT_COMMIT {
+                    WAKE_AT_COMMIT = false;
                     wake_workers_of(false);
                 }
             }
             XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
                 BUMP_AT_COMMIT = false;
+                WAKE_AT_COMMIT = false;
                 if HOLDING {
                     HOLDING = false;
                     release_slot();

@@ -226,16 +226,20 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
 
     // A2..A5: the registry lock, the subscribed inline projections, their locks, their status.
     handoff::lock(handoff::REGISTRY, Mode::Shared);
-    let (view, epoch) = registry::inline_projections(&cat);
-    let mut projections: Vec<Projection> = view.iter().filter(|p| registry::subscribes(p, &types)).cloned().collect();
+    let (view, epoch) = registry::projections_for_appends(&cat);
+    if view.iter().any(|p| registry::async_subscriber(p, &types)) {
+        inflight::wake_at_commit();
+    }
+    let mut projections: Vec<Projection> =
+        view.iter().filter(|p| registry::inline_subscriber(p, &types)).cloned().collect();
     if !projections.is_empty() {
         for p in &projections {
             handoff::lock(p.id as u32, Mode::Shared);
         }
         // A5: read again unless no change committed since the view was read (same epoch).
-        let (view, now) = registry::inline_projections(&cat);
+        let (view, now) = registry::projections_for_appends(&cat);
         if now.is_none() || now != epoch {
-            projections = view.iter().filter(|p| registry::subscribes(p, &types)).cloned().collect();
+            projections = view.iter().filter(|p| registry::inline_subscriber(p, &types)).cloned().collect();
         }
     }
     projections.retain(Projection::is_active);
@@ -326,9 +330,10 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
             let (first, lastp) = (mine[0].2, mine[mine.len() - 1].2);
             h.call(arr, &|| format!("events {first}..{lastp} of stream \"{stream}\""));
         } else {
-            for (d, e, pos) in &mine {
-                h.call(*d, &|| format!("event {pos} (stream \"{stream}\", type \"{}\")", e.event_type));
-            }
+            let datums: Vec<pg_sys::Datum> = mine.iter().map(|m| m.0).collect();
+            h.call_all(&datums, |_| {}, |i| {
+                format!("event {} (stream \"{stream}\", type \"{}\")", mine[i].2, mine[i].1.event_type)
+            });
         }
     }
     Ok(last)

@@ -106,8 +106,8 @@ fn row_to_projection(rows: &spi::Rows, i: usize) -> Projection {
     }
 }
 
-static INLINE: Stmt = Stmt {
-    sql: with_columns!("SELECT ", " FROM ep.projections WHERE mode = 'inline' ORDER BY id"),
+static ALL_FOR_APPENDS: Stmt = Stmt {
+    sql: with_columns!("SELECT ", " FROM ep.projections ORDER BY id"),
     types: &[],
 };
 
@@ -131,7 +131,7 @@ fn collect(rows: &spi::Rows) -> Vec<Projection> {
     (0..rows.len()).map(|i| row_to_projection(rows, i)).collect()
 }
 
-/// The inline projections as of registry epoch `epoch`, kept per backend.
+/// The projections as of registry epoch `epoch`, kept per backend.
 struct InlineView {
     namespace: pg_sys::Oid,
     epoch: u64,
@@ -142,13 +142,13 @@ thread_local! {
     static INLINE_VIEW: std::cell::RefCell<Option<InlineView>> = const { std::cell::RefCell::new(None) };
 }
 
-/// A3/A5: every inline projection, as a snapshot taken now would read them, and the registry epoch
+/// A3/A5: every projection, as a snapshot taken now would read them, and the registry epoch
 /// that view belongs to. Read from the catalog only when the epoch moved since the last read: a
 /// change of ep.projections bumps the epoch after its commit is visible and before its locks are
 /// released, so a caller holding the registry lock (A2) or a projection lock (A4) that finds the
 /// epoch unchanged knows no change committed since the view was read (DESIGN.md 2, "The view of
 /// the registry").
-pub fn inline_projections(cat: &Catalog) -> (std::rc::Rc<Vec<Projection>>, Option<u64>) {
+pub fn projections_for_appends(cat: &Catalog) -> (std::rc::Rc<Vec<Projection>>, Option<u64>) {
     // Without shared memory (not preloaded) there is no epoch to trust: None, never equal.
     let epoch = crate::inflight::available().then(crate::inflight::registry_epoch);
     if let Some(e) = epoch {
@@ -160,7 +160,7 @@ pub fn inline_projections(cat: &Catalog) -> (std::rc::Rc<Vec<Projection>>, Optio
     }
     // The epoch is read before the catalog: a change racing with this read leaves a view that is
     // at least as new as its epoch says, and the next call reads again.
-    let projections = std::rc::Rc::new(Spi::connect(|_| collect(&spi::exec(&INLINE, &[], Snap::Latest, 0))));
+    let projections = std::rc::Rc::new(Spi::connect(|_| collect(&spi::exec(&ALL_FOR_APPENDS, &[], Snap::Latest, 0))));
     if let Some(epoch) = epoch {
         INLINE_VIEW.with(|c| {
             *c.borrow_mut() = Some(InlineView { namespace: cat.namespace, epoch, projections: projections.clone() })
@@ -173,6 +173,17 @@ pub fn inline_projections(cat: &Catalog) -> (std::rc::Rc<Vec<Projection>>, Optio
 /// others only at commit).
 pub fn forget_inline_view() {
     INLINE_VIEW.with(|c| *c.borrow_mut() = None);
+}
+
+/// Whether an append of `types` concerns inline projection `p` (A3).
+pub fn inline_subscriber(p: &Projection, types: &[&str]) -> bool {
+    p.mode == ProjectionMode::Inline && subscribes(p, types)
+}
+
+/// Whether an append of `types` gives async projection `p` something to deliver (then its commit
+/// wakes the workers; other commits need not pay for a wake-up).
+pub fn async_subscriber(p: &Projection, types: &[&str]) -> bool {
+    p.mode == ProjectionMode::Async && p.status != "failed" && subscribes(p, types)
 }
 
 /// Whether projection `p` receives events of any of `types`.

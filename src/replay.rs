@@ -80,13 +80,10 @@ pub fn apply(
             handler.call(arr, &|| format!("events {first}..{last}"));
             applied.last = last;
         } else {
-            for i in 0..n {
-                let ev = rows.datum(i, 1).expect("event row is never NULL");
-                let pos: i64 = rows.get(i, 2).unwrap_or(after);
-                ATTEMPTED.with(|c| c.set(pos));
-                handler.call(ev, &|| format!("event {pos}"));
-                applied.last = pos;
-            }
+            let events: Vec<pg_sys::Datum> = (0..n).map(|i| rows.datum(i, 1).expect("event row is never NULL")).collect();
+            let positions: Vec<i64> = (0..n).map(|i| rows.get(i, 2).unwrap_or(after)).collect();
+            handler.call_all(&events, |i| ATTEMPTED.with(|c| c.set(positions[i])), |i| format!("event {}", positions[i]));
+            applied.last = positions[n - 1];
         }
         applied
     })
