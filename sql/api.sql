@@ -91,3 +91,37 @@ LEFT JOIN LATERAL (
 COMMENT ON VIEW ep.projection_status IS
   'One row per projection: mode, status, the current (or last) rebuild with progress and an estimate of the time left, async lag, and the last error.';
 GRANT SELECT ON ep.projection_status TO PUBLIC;
+
+-- ep_rebuild_wait is a function: the statement that calls it keeps its snapshot for the whole wait,
+-- which keeps VACUUM and page pruning from removing dead rows everywhere meanwhile, the rebuilt read
+-- model included (the benchmark measured a 3x slower rebuild behind a waiting SELECT). This
+-- procedure waits the same way but commits between polls, so it holds no snapshot while it sleeps.
+CREATE PROCEDURE ep_rebuild_await(rebuild_id bigint, timeout interval DEFAULT '10 minutes', INOUT status text DEFAULT NULL)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    deadline timestamptz := clock_timestamp() + timeout;
+BEGIN
+    IF rebuild_id IS NULL THEN
+        RAISE EXCEPTION 'rebuild_id must not be NULL' USING ERRCODE = '22004';
+    ELSIF timeout IS NULL OR timeout < '0'::interval THEN
+        RAISE EXCEPTION 'invalid timeout: % (must be 0 or more)', timeout USING ERRCODE = '22023';
+    END IF;
+    LOOP
+        SELECT r.status INTO status FROM ep.rebuilds r WHERE r.id = rebuild_id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'rebuild % does not exist', rebuild_id USING ERRCODE = '42704';
+        ELSIF status IN ('done', 'failed', 'cancelled') THEN
+            RETURN;
+        ELSIF clock_timestamp() > deadline THEN
+            RAISE EXCEPTION 'rebuild % did not finish within %', rebuild_id, timeout
+                USING ERRCODE = '57014', HINT = 'The rebuild goes on; call ep_rebuild_await again or watch ep.projection_status.';
+        END IF;
+        COMMIT;
+        PERFORM pg_sleep(0.05);
+        COMMIT;
+    END LOOP;
+END $$;
+COMMENT ON PROCEDURE ep_rebuild_await(bigint, interval, text) IS
+  'Like ep_rebuild_wait, but commits between polls so that it holds no snapshot while it waits (CALL it outside a transaction block).';

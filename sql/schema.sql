@@ -114,3 +114,5 @@ SELECT pg_catalog.pg_extension_config_dump('ep.projection_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.rebuild_id_seq', '');
 
 GRANT SELECT ON ep.events, ep.streams, ep.projections, ep.rebuilds, ep.skipped_events TO PUBLIC;
+-- The high-water mark reads the sequence's last value; a registration computes it as the caller.
+GRANT SELECT ON SEQUENCE ep.global_position_seq TO PUBLIC;

@@ -76,7 +76,7 @@ fn deliver(cat: &Catalog, p: &Projection, h: &Handler, st: &State) -> Option<Pro
     };
     let filter = Filter { types: p.event_types.as_ref(), skip: Some(&st.skipped) };
     let a = replay::apply(h, filter, cat.events_type, p.position, up_to, limit, Snap::Fresh);
-    let position = if a.exhausted { up_to } else { a.last };
+    let position = a.through;
     catalog::privileged(cat, || {
         Spi::connect(|_| spi::exec(&ADVANCE, &[p.id.into_datum(), spi::int8(position)], Snap::Fresh, 0))
     });
@@ -173,7 +173,7 @@ fn rebuild_step(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
             if checkpoint < hw {
                 let filter = Filter { types: p.event_types.as_ref(), skip: None };
                 let a = replay::apply(&h, filter, cat.events_type, checkpoint, hw, registry::batch_size(), Snap::Fresh);
-                checkpoint = if a.exhausted { hw } else { a.last };
+                checkpoint = a.through;
                 exec(cat, &PROGRESS, &[r.id.into_datum(), spi::int8(checkpoint), spi::int8(a.events)]);
             }
             if checkpoint < live {

@@ -7,9 +7,10 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 /// H1: the last position handed out by the sequence (0 before the first).
-/// The sequence tuple is updated in place and always visible, so this reads the current value
-/// whatever the snapshot.
-fn last_value() -> i64 {
+/// H1: the last position handed out. The sequence tuple is updated in place and always visible,
+/// so this reads the current value whatever the snapshot. Under a hand-off lock it bounds the
+/// catch-up: positions handed out later belong to appends that will apply their own events.
+pub fn last_value() -> i64 {
     Spi::connect(|_| spi::exec(&LAST_VALUE, &[], Snap::Fresh, 0).get(0, 1).unwrap_or(0))
 }
 

@@ -43,6 +43,7 @@ pub enum RebuildError {
     OtherDatabase { served: String },
     NoSchema { projection: String },
     UnknownRebuild(i64),
+    QueuedHere(i64),
     Timeout { id: i64, waited: String },
 }
 
@@ -74,6 +75,10 @@ impl Display for RebuildError {
                 "projection \"{projection}\" has no read_model_schema, so a rebuild does not know which tables to rebuild"
             ),
             RebuildError::UnknownRebuild(id) => write!(f, "rebuild {id} does not exist"),
+            RebuildError::QueuedHere(id) => write!(
+                f,
+                "rebuild {id} was queued or changed by this transaction, so the worker cannot start it before the transaction commits"
+            ),
             RebuildError::Timeout { id, waited } => write!(f, "rebuild {id} did not finish within {waited}"),
         }
     }
@@ -85,7 +90,10 @@ impl SqlError for RebuildError {
         match self {
             RebuildError::Arg(e) => e.sqlstate(),
             RebuildError::Registry(e) => e.sqlstate(),
-            RebuildError::NotPreloaded | RebuildError::OtherDatabase { .. } | RebuildError::NoSchema { .. } => {
+            RebuildError::NotPreloaded
+            | RebuildError::OtherDatabase { .. }
+            | RebuildError::NoSchema { .. }
+            | RebuildError::QueuedHere(_) => {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             RebuildError::UnknownRebuild(_) => ERRCODE_UNDEFINED_OBJECT,
@@ -104,6 +112,9 @@ impl SqlError for RebuildError {
                 "Register the projection again with read_model_schema naming the schema of its tables (ep_unregister_projection('{projection}') first)."
             )),
             RebuildError::Timeout { .. } => Some("The rebuild goes on; call ep_rebuild_wait again or watch ep.projection_status.".into()),
+            RebuildError::QueuedHere(id) => Some(format!(
+                "Commit first, then SELECT ep_rebuild_wait({id}) (or CALL ep_rebuild_await({id})) in a new transaction."
+            )),
             _ => None,
         }
     }
@@ -227,7 +238,8 @@ fn validate_setup(f: pg_sys::Oid) -> Result<(), RegistryError> {
     }
 }
 
-static REBUILD_STATUS: Stmt = Stmt { sql: "SELECT status FROM ep.rebuilds WHERE id = $1", types: &[pg_sys::INT8OID] };
+static REBUILD_STATUS: Stmt =
+    Stmt { sql: "SELECT status, xmin::text::bigint FROM ep.rebuilds WHERE id = $1", types: &[pg_sys::INT8OID] };
 
 /// `ep_rebuild_wait`: the final status once the rebuild ends.
 pub fn wait(id: Option<i64>, timeout: Option<pgrx::datum::Interval>) -> Result<String, RebuildError> {
@@ -239,11 +251,22 @@ pub fn wait(id: Option<i64>, timeout: Option<pgrx::datum::Interval>) -> Result<S
     }
     let start = std::time::Instant::now();
     loop {
-        let status: Option<String> = Spi::connect(|_| spi::exec(&REBUILD_STATUS, &[id.into_datum()], Snap::Latest, 0).get(0, 1));
+        let (status, xmin): (Option<String>, Option<i64>) = Spi::connect(|_| {
+            let r = spi::exec(&REBUILD_STATUS, &[id.into_datum()], Snap::Latest, 0);
+            (r.get(0, 1), r.get(0, 2))
+        });
         match status.as_deref() {
             None => return Err(RebuildError::UnknownRebuild(id)),
             Some("done") | Some("failed") | Some("cancelled") => return Ok(status.unwrap_or_default()),
             _ => {}
+        }
+        // Queued (or cancelled) by this very transaction: the worker cannot see it before the
+        // commit, so waiting here would only run out the timeout.
+        let mine = xmin.is_some_and(|x| unsafe {
+            pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from_inner(x as u32))
+        });
+        if mine {
+            return Err(RebuildError::QueuedHere(id));
         }
         if start.elapsed().as_micros() as i64 >= micros {
             return Err(RebuildError::Timeout { id, waited: format!("{timeout}") });
@@ -591,7 +614,7 @@ fn replay_or_handoff(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
     // gap shrinks to what arrives during one short step.
     if gap > handoff_threshold(batch) && gaining {
         let a = replay::apply(&h, p.filter(), cat.events_type, r.checkpoint, hw, batch, Snap::Fresh);
-        let checkpoint = if a.exhausted { hw } else { a.last };
+        let checkpoint = a.through;
         exec_priv(cat, &ADVANCE, &[r.id.into_datum(), spi::int8(checkpoint), spi::int8(a.events), spi::int8(gap)]);
         return Progress::Busy;
     }
@@ -602,13 +625,14 @@ fn replay_or_handoff(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
 fn handoff_final(cat: &Catalog, p: &Projection, r: &Rebuild, h: &crate::handler::Handler) -> Progress {
     lock_for_handoff(p);
     // Statements from here on take their snapshots after the lock was granted (READ COMMITTED).
+    let head = highwater::last_value();
     let mut after = r.checkpoint;
     let mut done = 0;
     loop {
-        let a = replay::apply(h, p.filter(), cat.events_type, after, i64::MAX, registry::batch_size(), Snap::Fresh);
-        after = a.last;
+        let a = replay::apply(h, p.filter(), cat.events_type, after, head, registry::batch_size(), Snap::Fresh);
+        after = a.through;
         done += a.events;
-        if a.exhausted {
+        if a.done {
             break;
         }
     }

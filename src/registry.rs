@@ -65,12 +65,15 @@ impl Projection {
         self.handler_for(self.handler, self.schema.as_deref())
     }
 
-    /// The handler `function` running against the read model in `schema`.
+    /// The handler `function` running against the read model in `schema`. Whether it takes
+    /// batches is stored for the live handler (no catalog lookup on the append path) and looked up
+    /// for another one (a rebuild's new handler).
     pub fn handler_for(&self, function: pg_sys::Oid, schema: Option<&str>) -> Handler {
+        let batch = if function == self.handler { self.batch } else { takes_batch(function).unwrap_or(self.batch) };
         Handler {
             projection: self.name.clone(),
             function,
-            batch: takes_batch(function).unwrap_or(self.batch),
+            batch,
             owner: self.owner,
             search_path: handler::search_path_for(schema, &self.search_path),
         }
@@ -429,14 +432,11 @@ pub fn register(
         validate_schema(s, caller)?;
     }
 
-    if mode == ProjectionMode::Inline {
-        // G1: every append that read the projection list has ended; later ones wait for us. While
-        // we wait, appends are held back at most the hand-off lock timeout at a time.
-        handoff::lock_patiently(handoff::REGISTRY, Mode::Exclusive, crate::settings::handoff_lock_timeout_ms());
-    }
     if by_name(name).is_some() {
         return Err(RegistryError::Exists(name.into()));
     }
+    // G1: the projection row. Nobody else sees it before the commit, so no append applies the
+    // handler yet, and whatever this transaction builds is not exposed half-done.
     let search_path = current_search_path();
     let id: i32 = catalog::privileged(&cat, || {
         Spi::connect(|_| {
@@ -459,21 +459,51 @@ pub fn register(
         })
     });
     crate::inflight::bump_epoch_at_commit();
-
     if mode == ProjectionMode::Inline {
-        // G3: all appends that could have missed the projection have ended; replay what committed.
         let p = by_id(id).ok_or_else(|| RegistryError::Unknown(name.into()))?;
-        let h = p.live_handler();
-        let mut after = 0;
+        build_for_registration(&cat, &p);
+    }
+    Ok(())
+}
+
+/// G2..G3: builds a newly registered inline projection from the whole log. G2 replays what has
+/// committed below the high-water mark, without any lock: appends go on meanwhile. G3 is the
+/// hand-off: the registry lock EXCLUSIVE waits for every append that read the projection list
+/// (none of them saw this projection, which is not committed), and the events above the
+/// checkpoint, all committed or gone by then, are applied before the commit. Appends stall only
+/// for G3's catch-up. Without the preload there is no high-water mark: the whole build is G3.
+fn build_for_registration(cat: &Catalog, p: &Projection) {
+    let h = p.live_handler();
+    let batch = batch_size();
+    let mut after = 0;
+    if crate::inflight::available() {
+        let mut previous_gap = i64::MAX;
         loop {
-            let a = replay::apply(&h, p.filter(), cat.events_type, after, i64::MAX, batch_size(), Snap::Latest);
-            after = a.last;
-            if a.exhausted {
+            let hw = crate::highwater::compute();
+            let gap = hw - after;
+            if gap <= (batch / 20).max(1) || gap >= previous_gap {
                 break;
+            }
+            previous_gap = gap;
+            loop {
+                let a = replay::apply(&h, p.filter(), cat.events_type, after, hw, batch, Snap::Latest);
+                after = a.through;
+                if a.done {
+                    break;
+                }
             }
         }
     }
-    Ok(())
+    // G3. While we wait, appends are held back at most the hand-off lock timeout at a time.
+    handoff::lock_patiently(handoff::REGISTRY, Mode::Exclusive, crate::settings::handoff_lock_timeout_ms());
+    let head = crate::highwater::last_value();
+    loop {
+        let a = replay::apply(&h, p.filter(), cat.events_type, after, head, batch, Snap::Latest);
+        after = a.through;
+        if a.done {
+            break;
+        }
+    }
 }
 
 /// `ep_unregister_projection`: the projection's handler never runs again once this commits.

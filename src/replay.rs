@@ -33,11 +33,16 @@ pub fn last_attempted() -> i64 {
 pub struct Applied {
     /// Events handed to the handler.
     pub events: i64,
-    /// Position of the last event applied (or `after` if none).
-    pub last: i64,
-    /// True when fewer than `limit` events matched: the range is exhausted.
-    pub exhausted: bool,
+    /// Every event of the range at or below this position has been applied: the checkpoint to
+    /// commit with the handler's writes.
+    pub through: i64,
+    /// True when `through` reached the end of the requested range.
+    pub done: bool,
 }
+
+/// How many positions one call scans at most, in batches: a projection of a rare event type
+/// would otherwise read the whole log in one statement (and one transaction) to fill one batch.
+const SCAN_BATCHES: i64 = 64;
 
 /// Which events of the log a projection receives.
 #[derive(Clone, Copy, Debug)]
@@ -48,8 +53,9 @@ pub struct Filter<'a> {
     pub skip: Option<&'a Vec<i64>>,
 }
 
-/// Applies the events passing `filter` with `after < position <= up_to`, at most `limit` of them,
-/// read under `snap`. Batch handlers get them as one array.
+/// Applies the events passing `filter` with `after < position <= up_to`, at most `limit` of them
+/// and scanning at most `limit * SCAN_BATCHES` positions, read under `snap`. Batch handlers get
+/// them as one array.
 pub fn apply(
     handler: &Handler,
     filter: Filter<'_>,
@@ -59,12 +65,15 @@ pub fn apply(
     limit: i64,
     snap: Snap,
 ) -> Applied {
+    let bound = up_to.min(after.saturating_add(limit.saturating_mul(SCAN_BATCHES)));
     Spi::connect(|_| {
         let types = filter.types.and_then(|t| t.clone().into_datum());
         let skip = filter.skip.filter(|s| !s.is_empty()).and_then(|s| s.clone().into_datum());
-        let rows = spi::exec(&RANGE, &[spi::int8(after), spi::int8(up_to), types, spi::int8(limit), skip], snap, 0);
+        let rows = spi::exec(&RANGE, &[spi::int8(after), spi::int8(bound), types, spi::int8(limit), skip], snap, 0);
         let n = rows.len();
-        let mut applied = Applied { events: n as i64, last: after, exhausted: (n as i64) < limit };
+        // Fewer than `limit` matched: everything up to the bound is done. Otherwise up to the last.
+        let full = n as i64 >= limit;
+        let mut applied = Applied { events: n as i64, through: bound, done: !full && bound >= up_to };
         if n == 0 {
             return applied;
         }
@@ -78,12 +87,16 @@ pub fn apply(
             let arr = spi::composite_array(&datums, events_type);
             ATTEMPTED.with(|c| c.set(first));
             handler.call(arr, &|| format!("events {first}..{last}"));
-            applied.last = last;
+            if full {
+                applied.through = last;
+            }
         } else {
             let events: Vec<pg_sys::Datum> = (0..n).map(|i| rows.datum(i, 1).expect("event row is never NULL")).collect();
             let positions: Vec<i64> = (0..n).map(|i| rows.get(i, 2).unwrap_or(after)).collect();
             handler.call_all(&events, |i| ATTEMPTED.with(|c| c.set(positions[i])), |i| format!("event {}", positions[i]));
-            applied.last = positions[n - 1];
+            if full {
+                applied.through = positions[n - 1];
+            }
         }
         applied
     })

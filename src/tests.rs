@@ -317,6 +317,9 @@ fn a_queued_rebuild_is_returned_again_and_can_be_cancelled() {
     let a = one::<i64>("SELECT ep_rebuild('m')").unwrap();
     let b = one::<i64>("SELECT ep_rebuild('m', 'blue_green')").unwrap();
     assert_eq!(a, b, "a second ep_rebuild must return the open one");
+    // Waiting in the transaction that queued it could only time out: refused at once.
+    assert_fails(&format!("SELECT ep_rebuild_wait({a})"), "55000");
+    assert_fails("SELECT ep_rebuild_wait(ep_rebuild('m'))", "55000");
     assert_eq!(one::<i64>("SELECT ep_cancel_rebuild('m')"), Some(a));
     assert_eq!(one::<String>(&format!("SELECT ep_rebuild_wait({a}, '1 second')")), Some("cancelled".into()));
     assert_eq!(one::<i64>("SELECT ep_cancel_rebuild('m')"), None);
