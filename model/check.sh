@@ -86,8 +86,9 @@ checks=(
   "bug-old-snapshot-inplace|fail|ep.pml|-DSCEN_INPLACE -DBUG_RF_OLD_SNAPSHOT"
   "bug-old-snapshot-bluegreen|fail|ep.pml|-DSCEN_BG -DBUG_RF_OLD_SNAPSHOT"
   "bug-old-snapshot-register|fail|ep.pml|-DSCEN_REG -DBUG_RF_OLD_SNAPSHOT"
+  "bug-g2-no-hw-register|fail|ep.pml|-DSCEN_REG -DBUG_G2_NO_HW"
 )
-# MODEL_FULL=1: the larger bounds too (about 60 million more states, 1-2 more CPU minutes).
+# MODEL_FULL=1: the larger bounds too (about 90 million more states, 2-3 more CPU minutes).
 if [ "${MODEL_FULL:-0}" = 1 ]; then
   checks+=(
     "full-inplace-crash2-wide|pass|ep.pml|-DSCEN_INPLACE -DCFG0=0,1,1,2 -DCFG1=1,1,0,0 -DCFG2=0,2,1,2 -DMAXCRASH=2 -DBATCH=1"

@@ -5,7 +5,9 @@
  * Scenarios (pick one with -D; default SCEN_INPLACE):
  *   SCEN_INPLACE  appenders + an in-place rebuild (R0, R1..Rk with H1..H4, Rf) + worker crashes
  *   SCEN_BG       appenders + a blue-green rebuild (B0, B1..Bk with H1..H4, Bf) + worker crashes
- *   SCEN_REG      appenders + a registration (G1..G3) that may fail and be retried, or given up
+ *   SCEN_REG      appenders + a registration (G1 insert, G2 lock-free replay up to the high-water
+ *                 mark with H1..H4, G3 catch-up under the registry lock) that may abort at any
+ *                 point and be retried once, or given up
  *   SCEN_REGREB   SCEN_REG, then an in-place rebuild of the registered projection
  *   SCEN_ASYNC    appenders + async delivery (D1, D2 with H1..H4) + an async in-place rebuild
  *                 (truncate, position := 0) + worker crashes
@@ -24,6 +26,7 @@
  *   BUG_STATUS_BEFORE_LOCK   A5 omitted: the decision uses the status read in A3, before A4
  *   BUG_LIST_BEFORE_REGLOCK  A3 (projection list) read before A2 (registry lock)
  *   BUG_RF_OLD_SNAPSHOT      Rf/Bf/G3 read the log with a snapshot taken before their lock was granted
+ *   BUG_G2_NO_HW             the registration's G2 replays up to L (last value), ignoring in-flight slots
  *   BUG_LOCK_AFTER_INSERT    A7..A9 (stream lock, positions, insert) before A2..A6 (not a bug: passes)
  *   NO_LOCK_TIMEOUT          hand-offs wait for their exclusive lock without lock_timeout
  *   MIXED_LOCK_ORDER         appender 0 takes its stream lock before P SHARED, as a transaction
@@ -219,6 +222,16 @@ inline apply_range(copy, lo, hi, lim, snapmask, pend, newcp)
   :: h_s < NSTREAM -> h_view[h_s] = LAST(copy, h_s); h_s++
   :: else -> break
   od;
+#ifdef HAS_REG
+  /* ... plus the transaction's own earlier writes: a registration replays in several steps of one
+   * transaction (G2 batches, G3). Every other caller starts with pend = 0; compiled only where a
+   * registrar runs, so that the other scenarios (and the kept trails) stay as they were. */
+  h_p = 1;
+  do
+  :: h_p <= MAXPOS -> if :: (pend >> h_p) & 1 -> h_view[STREAM(h_p)] = evspos[h_p] :: else -> skip fi; h_p++
+  :: else -> break
+  od;
+#endif
   h_k = 0; h_p = lo + 1; newcp = hi;
   do
   :: h_p <= hi && h_p <= MAXPOS && h_k < lim ->
@@ -792,28 +805,84 @@ finished:
 
 /* ------------------------------------------------------------------ registration (registry.rs) */
 #if defined(HAS_REG)
+/* One ep_register_projection call in its own transaction (registry.rs register,
+ * build_for_registration). Everything it writes (the projection row, the handler's writes into the
+ * read model: `pend`) is private until G_commit. It may abort at any point (handler error, client
+ * rollback, crash): nothing of it stays; the user may retry once, or give up. */
 proctype registrar()
 {
-  byte pend, newcp, snap;
+  byte hw, L, i, m, pend, newcp, snap;
+  byte after;                  /* G2's checkpoint: every subscribed event <= after is in pend */
+  byte rounds;                 /* G2 rounds done */
   bool tried;
 
-G1_registry_exclusive:
+G1_insert:
+  skip;      /* validate; INSERT the projection row, 'active', generation 1: invisible until commit */
+
+G2_round:
+  /* build_for_registration, no lock: compute hw, replay up to it; again while the gap to the head
+   * shrinks. Modelled: 0, 1 or 2 rounds, chosen nondeterministically (0 = the code's "gap too small"
+   * break, and the path without the preload, where G2 is skipped) */
+  if
+  :: rounds < 2 -> rounds++
+  :: goto G3_registry_exclusive
+  :: goto abort                                  /* error/crash before the lock */
+  fi;
+#ifdef BUG_G2_NO_HW
+H1_last_value:
+  hw = seq;                                      /* BUG: hw := L, the in-flight slots ignored */
+#else
+  highwater(hw, L, i, m);                        /* H1..H3: highwater::compute */
+#endif
+G2_replay:
+  /* replay::apply(.., after, hw, batch, Snap::Latest) until done; each call takes its snapshot
+   * after hw was computed (H4) */
+  do
+  :: hw > after ->
+H4_G2_snapshot:
+     d_step { apply_range(0, after, hw, BATCH, 0, pend, newcp); after = newcp; newcp = 0 }
+  :: else -> break
+  od;
+  hw = 0;
+  goto G2_round;
+
+G3_registry_exclusive:
 #ifdef BUG_RF_OLD_SNAPSHOT
   atomic { snapshot_mask(snap) }
 #endif
-  /* registry.rs takes it without lock_timeout (DESIGN 3 says with): modelled as in the code */
+  /* handoff::lock_patiently(REGISTRY, Exclusive): each attempt is a subtransaction with the
+   * hand-off lock_timeout; a timed-out attempt rolls back only itself (G1/G2's work stays) and is
+   * tried again. While queued it blocks new SHARED requests (the PostgreSQL lock queue). */
   reg_xq = 1;
-  atomic { reg_s == 0 && !reg_x -> reg_x = 1; reg_xq = 0 }
-G2_insert:
-  skip;      /* the projection row, 'active', generation 1: invisible until commit */
-G3_build:
-  d_step { apply_range(0, 0, MAXPOS, MAXPOS, snap, pend, newcp); newcp = 0; snap = 0 }
+  if
+  :: atomic { reg_s == 0 && !reg_x -> reg_x = 1; reg_xq = 0 }
+#ifndef NO_LOCK_TIMEOUT
+  :: atomic { !(reg_s == 0 && !reg_x) -> reg_xq = 0; snap = 0 }; goto G3_registry_exclusive   /* lock_timeout */
+#endif
+  :: atomic { !(reg_s == 0 && !reg_x) -> reg_xq = 0 }; goto abort     /* cancelled/crash while waiting */
+  fi;
+G3_last_value:
+  L = seq;                 /* highwater::last_value, read after the lock was granted */
+G3_catchup:
+  /* replay::apply(.., after, L, batch, Snap::Latest) until done: every visible subscribed event
+   * with after < position <= L (under the lock nothing at or below L commits any more) */
+  d_step { apply_range(0, after, L, MAXPOS, snap, pend, newcp); newcp = 0; snap = 0; L = 0 }
 G_commit:
   if
-  :: d_step { merge(0, pend); status = ST_ACTIVE; status_ver++; reg_x = 0; regdone = 1 }
-  :: !tried -> pend = 0; reg_x = 0; tried = 1; goto G1_registry_exclusive   /* error/crash; user retries */
-  :: d_step { pend = 0; reg_x = 0; regdone = 1 }                           /* gives up */
+  :: d_step { merge(0, pend); status = ST_ACTIVE; status_ver++; reg_x = 0; regdone = 1;
+              after = 0; rounds = 0 }
+     goto finished
+  :: goto abort                                  /* error/crash with the lock held */
   fi;
+
+abort:
+  /* rollback: the row and the handler's writes vanish, the lock (held or requested) goes */
+  atomic { pend = 0; after = 0; rounds = 0; hw = 0; snap = 0; reg_x = 0; reg_xq = 0 }
+  if
+  :: !tried -> tried = 1; goto G1_insert         /* the user retries */
+  :: regdone = 1                                 /* gives up */
+  fi;
+finished:
   wdone++
 }
 #endif

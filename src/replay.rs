@@ -1,5 +1,6 @@
 //! Applying a range of the log to a projection, in global order, through its handler. Shared by
-//! the registration build (G3), rebuild replays and hand-offs (R1..Rf, B1..Bf) and async delivery.
+//! the registration build (G2, G3), rebuild replays and hand-offs (R1..Rf, B1..Bf) and async
+//! delivery.
 //! Global order implies stream order: a stream's writers are serialized by its row in ep.streams
 //! and take their positions while holding it.
 
