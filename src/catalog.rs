@@ -104,16 +104,7 @@ pub fn run_as<R>(role: pg_sys::Oid, search_path: &str, f: impl FnOnce() -> R) ->
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_sec);
         let nest = pg_sys::NewGUCNestLevel();
         pg_sys::SetUserIdAndSecContext(role, saved_sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            path.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
+        crate::backend::set_setting(c"search_path", &path, pg_sys::GucAction::GUC_ACTION_SAVE);
         let r = f();
         pg_sys::AtEOXact_GUC(true, nest);
         pg_sys::SetUserIdAndSecContext(saved_user, saved_sec);

@@ -357,6 +357,6 @@ pub fn wait_for(name: Option<&str>, position: Option<i64>, timeout: Option<pgrx:
         if start.elapsed().as_micros() as i64 >= micros {
             return Ok(false);
         }
-        rebuild::sleep_ms(2);
+        crate::backend::sleep_ms(2);
     }
 }

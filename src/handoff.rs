@@ -85,16 +85,7 @@ pub fn lock_patiently(object: u32, mode: Mode, timeout_ms: i32) {
         if got {
             return;
         }
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                pause_ms,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-        pgrx::check_for_interrupts!();
+        crate::backend::sleep_ms(pause_ms);
         pause_ms = (pause_ms * 2).min(50);
     }
 }
@@ -116,19 +107,8 @@ pub fn disown(object: u32) {
 /// Sets `lock_timeout` for the rest of the current transaction (hand-offs use it so that appends
 /// queued behind a waiting exclusive request are never held for long).
 pub fn set_local_lock_timeout(ms: i32) {
-    let v = std::ffi::CString::new(format!("{ms}ms")).expect("no NUL");
-    unsafe {
-        pg_sys::set_config_option(
-            c"lock_timeout".as_ptr(),
-            v.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_LOCAL,
-            true,
-            0,
-            false,
-        );
-    }
+    let v = std::ffi::CString::new(format!("{ms}ms")).expect("digits and letters");
+    crate::backend::set_setting(c"lock_timeout", &v, pg_sys::GucAction::GUC_ACTION_LOCAL);
 }
 
 /// Whether the transaction uses one snapshot for all its statements (REPEATABLE READ, SERIALIZABLE).

@@ -12,11 +12,12 @@
 //! - `delivery`: async projections;
 //! - `worker`: the background processes that run rebuilds and deliveries;
 //! - `status`: the fail-fast readiness check;
-//! - `catalog`, `spi`, `types`, `error`, `settings`: plumbing.
+//! - `catalog`, `spi`, `types`, `error`, `settings`, `backend`: plumbing.
 
 use pgrx::prelude::*;
 
 mod api;
+mod backend;
 mod catalog;
 mod delivery;
 mod error;

@@ -271,22 +271,8 @@ pub fn wait(id: Option<i64>, timeout: Option<pgrx::datum::Interval>) -> Result<S
         if start.elapsed().as_micros() as i64 >= micros {
             return Err(RebuildError::Timeout { id, waited: format!("{timeout}") });
         }
-        sleep_ms(20);
+        crate::backend::sleep_ms(20);
     }
-}
-
-/// Sleeps on the process latch (so that a cancel or shutdown interrupts it).
-pub fn sleep_ms(ms: i64) {
-    unsafe {
-        pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            ms,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
-    }
-    pgrx::check_for_interrupts!();
 }
 
 pub fn interval_micros(i: &pgrx::datum::Interval) -> i64 {

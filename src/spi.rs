@@ -166,8 +166,8 @@ pub fn int8(v: i64) -> Option<pg_sys::Datum> {
     v.into_datum()
 }
 
-/// An array datum of `elem` (a by-reference varlena type) built from raw datums.
-pub fn varlena_array(elems: &[pg_sys::Datum], elem: pg_sys::Oid) -> Option<pg_sys::Datum> {
+/// A one-dimensional array of by-reference `elem` values (no NULLs) built from raw datums.
+fn array_of(elems: &[pg_sys::Datum], elem: pg_sys::Oid, align: u8) -> pg_sys::Datum {
     unsafe {
         let arr = pg_sys::construct_array(
             elems.as_ptr() as *mut pg_sys::Datum,
@@ -175,23 +175,18 @@ pub fn varlena_array(elems: &[pg_sys::Datum], elem: pg_sys::Oid) -> Option<pg_sy
             elem,
             -1,
             false,
-            pg_sys::TYPALIGN_INT as std::ffi::c_char,
-        );
-        Some(pg_sys::Datum::from(arr))
-    }
-}
-
-/// An array of composite values of type `elem` (by reference, double aligned).
-pub fn composite_array(elems: &[pg_sys::Datum], elem: pg_sys::Oid) -> pg_sys::Datum {
-    unsafe {
-        let arr = pg_sys::construct_array(
-            elems.as_ptr() as *mut pg_sys::Datum,
-            elems.len() as i32,
-            elem,
-            -1,
-            false,
-            pg_sys::TYPALIGN_DOUBLE as std::ffi::c_char,
+            align as std::ffi::c_char,
         );
         pg_sys::Datum::from(arr)
     }
+}
+
+/// An array datum of `elem` (a varlena type such as jsonb) built from raw datums.
+pub fn varlena_array(elems: &[pg_sys::Datum], elem: pg_sys::Oid) -> Option<pg_sys::Datum> {
+    Some(array_of(elems, elem, pg_sys::TYPALIGN_INT))
+}
+
+/// An array of composite values of type `elem` (double aligned).
+pub fn composite_array(elems: &[pg_sys::Datum], elem: pg_sys::Oid) -> pg_sys::Datum {
+    array_of(elems, elem, pg_sys::TYPALIGN_DOUBLE)
 }

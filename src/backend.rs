@@ -1,0 +1,36 @@
+//! Small services of the backend process: settings for a nest level or a transaction, and sleeping
+//! on the process latch.
+
+use pgrx::pg_sys;
+
+/// Sets a user-settable setting for the current GUC nest level (`GUC_ACTION_SAVE`) or for the rest
+/// of the transaction (`GUC_ACTION_LOCAL`).
+pub fn set_setting(name: &std::ffi::CStr, value: &std::ffi::CStr, action: pg_sys::GucAction::Type) {
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            action,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
+/// Sleeps on the process latch for `ms` milliseconds (a cancel, a shutdown or a wake-up ends the
+/// sleep early; interrupts are then processed).
+pub fn sleep_ms(ms: i64) {
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pgrx::check_for_interrupts!();
+}
