@@ -12,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source bench/env.sh
-[ -d "$BENCH_DATA/pgroot" ] && PGBIN=$BENCH_DATA/pgroot/usr/lib/postgresql/15/bin
+# The system installation, unless BENCH_LIB=package (the private copy the last run.sh made).
+[ "${BENCH_LIB:-system}" = package ] && PGBIN=$BENCH_DATA/pgroot/usr/lib/postgresql/15/bin
 OUT=bench/out/profile; mkdir -p "$OUT"
 q() { "$SYS_PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h "$BENCH_SOCK" -p "$BENCH_PORT" -U postgres "$BENCH_DB" "$@"; }
 
