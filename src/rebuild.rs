@@ -579,9 +579,12 @@ fn rebuild_handler(p: &Projection, r: &Rebuild) -> crate::handler::Handler {
     }
 }
 
-/// The distance to the head at which the replay hands off.
-fn handoff_threshold(batch: i64) -> i64 {
-    (batch / 20).max(1)
+/// The distance to the head, in positions, at which a replay hands off: what the hand-off then
+/// catches up under its exclusive lock while appends to the projection wait. A twentieth of a
+/// batch, at most 50 positions, so that a large `batch_size` (chosen for fast batch-handler
+/// replays) does not lengthen the stall.
+pub fn handoff_threshold(batch: i64) -> i64 {
+    (batch / 20).clamp(1, 50)
 }
 
 /// R1..Rk / B1..Bk, and the hand-off Rf / Bf once the replay is within a twentieth of a batch of the head, or

@@ -481,7 +481,7 @@ fn build_for_registration(cat: &Catalog, p: &Projection) {
         loop {
             let hw = crate::highwater::compute();
             let gap = hw - after;
-            if gap <= (batch / 20).max(1) || gap >= previous_gap {
+            if gap <= crate::rebuild::handoff_threshold(batch) || gap >= previous_gap {
                 break;
             }
             previous_gap = gap;
