@@ -417,6 +417,53 @@ fn async_projections_equal_a_replay_after_concurrent_writers() {
     }
 }
 
+/// Several async projections progress at once, each owned by one worker process at a time: while
+/// one projection's handler is blocked, another projection is delivered by the other worker, and
+/// the blocked one never has two processes in it. (A worker step gives up a lock wait after
+/// 200 ms and the projection is tried again later, possibly by the other worker: one at a time.)
+/// Once released, it catches up, each event applied once.
+#[test]
+fn async_projections_progress_concurrently_one_owner_each() {
+    let (served, mut c) = Served::fresh();
+    let workers: i64 = c.query_one("SELECT current_setting('event_projections.workers')::bigint", &[]).unwrap().get(0);
+    assert!(workers >= 2, "this test needs event_projections.workers >= 2 (is {workers})");
+    create_gated_counts(&mut c, "w_stuck", 9004);
+    register(&mut c, "stuck", "w_stuck.gated(ep.events)", "async", "w_stuck");
+    create_async_counts(&mut c, "free", "w_free");
+    let mut gate = served.connect();
+    gate.batch_execute("SELECT pg_advisory_lock(9004)").unwrap();
+
+    let first = append(&mut c, "s1", "T", &json!({}), None).unwrap();
+    // Workers blocked in the stuck projection's handler (the only lock they can wait on here).
+    let in_stuck = "SELECT count(*) FROM pg_stat_activity \
+                    WHERE backend_type = 'event_projections worker' AND wait_event_type = 'Lock'";
+    assert!(
+        wait_until(Duration::from_secs(20), || Ok(c.query_one(in_stuck, &[])?.get::<_, i64>(0) >= 1)).unwrap(),
+        "no worker blocked in the stuck projection's handler"
+    );
+    // Meanwhile the other projection keeps being delivered, by the other worker.
+    for i in 0..20 {
+        let p = append(&mut c, &format!("s{}", i % 3), "T", &json!({}), None).unwrap();
+        assert!(wait_for(&mut c, "free", p, "10 s"), "a blocked projection held another one back");
+    }
+    assert!(!wait_for(&mut c, "stuck", first, "300 ms"), "the stuck projection advanced past its blocked handler");
+    // For 3 s (many retries of `stuck`, by either worker), never two processes in it at once.
+    let mut samples = 0;
+    let two = wait_until(Duration::from_secs(3), || {
+        samples += 1;
+        Ok(c.query_one(in_stuck, &[])?.get::<_, i64>(0) >= 2)
+    });
+    assert!(!two.unwrap(), "two workers were in the same projection at once");
+    eprintln!("{samples} samples of the workers, never two in one projection");
+
+    gate.batch_execute("SELECT pg_advisory_unlock(9004)").unwrap();
+    let h = head(&mut c);
+    assert!(wait_for(&mut c, "stuck", h, "30 s"), "the released projection did not catch up");
+    assert!(wait_for(&mut c, "free", h, "30 s"));
+    assert_counts_match_log(&mut c, "w_stuck");
+    assert_counts_match_log(&mut c, "w_free");
+}
+
 /// In the worker, a handler runs as the projection's owner: an ordinary role cannot gain the
 /// worker's superuser privileges through it.
 #[test]
