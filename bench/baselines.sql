@@ -92,7 +92,9 @@ BEGIN
         ON CONFLICT (account) DO UPDATE SET balance = b.balance + excluded.balance, events = b.events + 1;
 END $$;
 
--- (2) The seeds' gate: the registry of the hand-written projections.
+-- (2) The seeds' gate: the registry of the hand-written projections. bl.append_projected repeats
+-- bl.append's body rather than calling it, as a user would write it: a nested PL/pgSQL call would
+-- add its own cost to what is measured.
 CREATE TABLE bl.projections (name text PRIMARY KEY, status text NOT NULL);
 INSERT INTO bl.projections VALUES ('balance', 'active');
 

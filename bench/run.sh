@@ -203,9 +203,9 @@ pgb() {
 
 # ------------------------------------------------------------------------------------------------
 # The history, and the projections the rebuilds replay it into. They are registered on the empty
-# log (a registration replays the whole log in one transaction, holding the registry lock), and
-# the history is written with COPY, which runs no handler: the first rebuild makes the models
-# complete, and every measured rebuild starts by emptying them.
+# log (registering on a full one would replay it, which is not what is measured), and the history
+# is written with COPY, which runs no handler: the first rebuild makes the models complete, and
+# every measured rebuild starts by emptying them.
 qb -c "SELECT ep_register_projection('rb_event', 'bench.balance_event(ep.events)', 'inline', '{Deposited}', 'rb_event')" >/dev/null
 qb -c "SELECT ep_register_projection('rb_batch', 'bench.balance_batch(ep.events[])', 'inline', '{Deposited}', 'rb_batch')" >/dev/null
 qb -c "SELECT ep_register_projection('live', 'bench.balance_live(ep.events)', 'inline', '{Credited}', 'live')" >/dev/null

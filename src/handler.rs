@@ -106,7 +106,7 @@ impl Handler {
             });
             None
         }))
-        .catch_others(|e| Some(e))
+        .catch_others(Some)
         .execute();
         if let Some(e) = result {
             forget(function);

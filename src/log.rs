@@ -226,23 +226,23 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
 
     // A2..A5: the registry lock, the subscribed inline projections, their locks, their status.
     handoff::lock(handoff::REGISTRY, Mode::Shared);
-    let (view, epoch) = registry::projections_for_appends(&cat);
+    let (mut view, epoch) = registry::projections_for_appends(&cat);
     if view.iter().any(|p| registry::async_subscriber(p, &types)) {
         inflight::wake_at_commit();
     }
-    let mut projections: Vec<Projection> =
-        view.iter().filter(|p| registry::inline_subscriber(p, &types)).cloned().collect();
-    if !projections.is_empty() {
-        for p in &projections {
+    let subscribed = |p: &&Projection| registry::inline_subscriber(p, &types);
+    if view.iter().any(|p| subscribed(&p)) {
+        for p in view.iter().filter(subscribed) {
             handoff::lock(p.id as u32, Mode::Shared);
         }
-        // A5: read again unless no change committed since the view was read (same epoch).
-        let (view, now) = registry::projections_for_appends(&cat);
+        // A5: read again unless no change committed since the view was read (same epoch). The set
+        // of projections cannot change while we hold the registry lock; their status can.
+        let (again, now) = registry::projections_for_appends(&cat);
         if now.is_none() || now != epoch {
-            projections = view.iter().filter(|p| registry::inline_subscriber(p, &types)).cloned().collect();
+            view = again;
         }
     }
-    projections.retain(Projection::is_active);
+    let projections: Vec<&Projection> = view.iter().filter(subscribed).filter(|p| p.is_active()).collect();
     // A6: a handler must not run on a snapshot that cannot see the hand-off it crossed.
     if handoff::uses_transaction_snapshot() {
         let latest: Vec<(i32, i64, &str)> = projections.iter().map(|p| (p.id, p.generation, p.name.as_str())).collect();
@@ -318,7 +318,7 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
             .iter()
             .zip(events)
             .zip(&positions)
-            .filter(|((_, e), _)| p.event_types.as_ref().is_none_or(|t| t.iter().any(|t| *t == e.event_type)))
+            .filter(|((_, e), _)| registry::subscribes(p, &[e.event_type.as_str()]))
             .map(|((d, e), pos)| (*d, e, *pos))
             .collect();
         if mine.is_empty() {

@@ -320,11 +320,13 @@ pub struct Rebuild {
     pub build_schema: Option<String>,
     pub checkpoint: i64,
     pub cancel_requested: bool,
+    /// Whether `events_total` has been counted (once, by the first replay step).
+    pub total_counted: bool,
 }
 
 static OPEN: Stmt = Stmt {
     sql: "SELECT id, strategy, phase, new_handler::oid, setup_function::oid, build_schema, checkpoint, cancel_requested, \
-                 coalesce(target_position, 0), behind \
+                 coalesce(target_position, 0), behind, events_total IS NOT NULL \
           FROM ep.rebuilds WHERE projection_id = $1 AND status IN ('queued', 'running')",
     types: &[pg_sys::INT4OID],
 };
@@ -344,6 +346,7 @@ pub fn open(id: i32) -> Option<Rebuild> {
             cancel_requested: r.get(0, 8).unwrap_or(false),
             target_position: r.get(0, 9).unwrap_or(0),
             behind: r.get(0, 10),
+            total_counted: r.get(0, 11).unwrap_or(false),
         })
     })
 }
@@ -460,7 +463,9 @@ pub fn mark_started(cat: &Catalog, r: &Rebuild, build: Option<&str>) {
 /// Fills in the number of events a running rebuild will replay, once (it reads the whole log, so
 /// a replay step does it, never a hand-off).
 pub fn count_total(cat: &Catalog, p: &Projection, r: &Rebuild) {
-    exec_priv(cat, &COUNT_TOTAL, &[r.id.into_datum(), p.id.into_datum()]);
+    if !r.total_counted {
+        exec_priv(cat, &COUNT_TOTAL, &[r.id.into_datum(), p.id.into_datum()]);
+    }
 }
 
 /// R0: the hand-off that empties the live model and makes appends skip the projection.
@@ -615,17 +620,8 @@ fn handoff_final(cat: &Catalog, p: &Projection, r: &Rebuild, h: &crate::handler:
     lock_for_handoff(p);
     // Statements from here on take their snapshots after the lock was granted (READ COMMITTED).
     let head = highwater::last_value();
-    let mut after = r.checkpoint;
-    let mut done = 0;
-    loop {
-        let a = replay::apply(h, p.filter(), cat.events_type, after, head, registry::batch_size(), Snap::Fresh);
-        after = a.through;
-        done += a.events;
-        if a.done {
-            break;
-        }
-    }
-    exec_priv(cat, &ADVANCE, &[r.id.into_datum(), spi::int8(after), spi::int8(done), spi::int8(0)]);
+    let a = replay::apply_all(h, p.filter(), cat.events_type, r.checkpoint, head, registry::batch_size(), Snap::Fresh);
+    exec_priv(cat, &ADVANCE, &[r.id.into_datum(), spi::int8(a.through), spi::int8(a.events), spi::int8(0)]);
     let mut previous = None;
     match r.strategy {
         Strategy::InPlace => {

@@ -109,11 +109,6 @@ fn row_to_projection(rows: &spi::Rows, i: usize) -> Projection {
     }
 }
 
-static ALL_FOR_APPENDS: Stmt = Stmt {
-    sql: with_columns!("SELECT ", " FROM ep.projections ORDER BY id"),
-    types: &[],
-};
-
 static BY_NAME: Stmt = Stmt {
     sql: with_columns!("SELECT ", " FROM ep.projections WHERE name = $1"),
     types: &[pg_sys::TEXTOID],
@@ -163,7 +158,7 @@ pub fn projections_for_appends(cat: &Catalog) -> (std::rc::Rc<Vec<Projection>>, 
     }
     // The epoch is read before the catalog: a change racing with this read leaves a view that is
     // at least as new as its epoch says, and the next call reads again.
-    let projections = std::rc::Rc::new(Spi::connect(|_| collect(&spi::exec(&ALL_FOR_APPENDS, &[], Snap::Latest, 0))));
+    let projections = std::rc::Rc::new(Spi::connect(|_| collect(&spi::exec(&ALL, &[], Snap::Latest, 0))));
     if let Some(epoch) = epoch {
         INLINE_VIEW.with(|c| {
             *c.borrow_mut() = Some(InlineView { namespace: cat.namespace, epoch, projections: projections.clone() })
@@ -485,25 +480,13 @@ fn build_for_registration(cat: &Catalog, p: &Projection) {
                 break;
             }
             previous_gap = gap;
-            loop {
-                let a = replay::apply(&h, p.filter(), cat.events_type, after, hw, batch, Snap::Latest);
-                after = a.through;
-                if a.done {
-                    break;
-                }
-            }
+            after = replay::apply_all(&h, p.filter(), cat.events_type, after, hw, batch, Snap::Latest).through;
         }
     }
     // G3. While we wait, appends are held back at most the hand-off lock timeout at a time.
     handoff::lock_patiently(handoff::REGISTRY, Mode::Exclusive, crate::settings::handoff_lock_timeout_ms());
     let head = crate::highwater::last_value();
-    loop {
-        let a = replay::apply(&h, p.filter(), cat.events_type, after, head, batch, Snap::Latest);
-        after = a.through;
-        if a.done {
-            break;
-        }
-    }
+    replay::apply_all(&h, p.filter(), cat.events_type, after, head, batch, Snap::Latest);
 }
 
 /// `ep_unregister_projection`: the projection's handler never runs again once this commits.

@@ -45,6 +45,26 @@ pub struct Applied {
 /// would otherwise read the whole log in one statement (and one transaction) to fill one batch.
 const SCAN_BATCHES: i64 = 64;
 
+/// Applies every event passing `filter` with `after < position <= up_to`, in calls of at most
+/// `limit` events, all in the current transaction (the hand-offs' catch-ups and the registration
+/// build). Returns the events applied and the position reached (`up_to`).
+pub fn apply_all(
+    handler: &Handler,
+    filter: Filter<'_>,
+    events_type: pg_sys::Oid,
+    after: i64,
+    up_to: i64,
+    limit: i64,
+    snap: Snap,
+) -> Applied {
+    let mut total = Applied { events: 0, through: after, done: false };
+    while !total.done {
+        let a = apply(handler, filter, events_type, total.through, up_to, limit, snap);
+        total = Applied { events: total.events + a.events, ..a };
+    }
+    total
+}
+
 /// Which events of the log a projection receives.
 #[derive(Clone, Copy, Debug)]
 pub struct Filter<'a> {
