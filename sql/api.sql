@@ -95,13 +95,14 @@ GRANT SELECT ON ep.projection_status TO PUBLIC;
 -- ep_rebuild_wait is a function: the statement that calls it keeps its snapshot for the whole wait,
 -- which keeps VACUUM and page pruning from removing dead rows everywhere meanwhile, the rebuilt read
 -- model included (the benchmark measured a 3x slower rebuild behind a waiting SELECT). This
--- procedure waits the same way but commits between polls, so it holds no snapshot while it sleeps.
+-- procedure waits the same way but commits between polls, so the snapshot it holds never outlives
+-- one poll. No SET clause (a procedure with one may not COMMIT): every name is qualified instead,
+-- and it runs with the caller's rights, so the caller's search_path can only affect the caller.
 CREATE PROCEDURE ep_rebuild_await(rebuild_id bigint, timeout interval DEFAULT '10 minutes', INOUT status text DEFAULT NULL)
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    deadline timestamptz := clock_timestamp() + timeout;
+    deadline timestamptz := pg_catalog.clock_timestamp() + timeout;
 BEGIN
     IF rebuild_id IS NULL THEN
         RAISE EXCEPTION 'rebuild_id must not be NULL' USING ERRCODE = '22004';
@@ -114,14 +115,14 @@ BEGIN
             RAISE EXCEPTION 'rebuild % does not exist', rebuild_id USING ERRCODE = '42704';
         ELSIF status IN ('done', 'failed', 'cancelled') THEN
             RETURN;
-        ELSIF clock_timestamp() > deadline THEN
+        ELSIF pg_catalog.clock_timestamp() > deadline THEN
             RAISE EXCEPTION 'rebuild % did not finish within %', rebuild_id, timeout
                 USING ERRCODE = '57014', HINT = 'The rebuild goes on; call ep_rebuild_await again or watch ep.projection_status.';
         END IF;
         COMMIT;
-        PERFORM pg_sleep(0.05);
+        PERFORM pg_catalog.pg_sleep(0.05);
         COMMIT;
     END LOOP;
 END $$;
 COMMENT ON PROCEDURE ep_rebuild_await(bigint, interval, text) IS
-  'Like ep_rebuild_wait, but commits between polls so that it holds no snapshot while it waits (CALL it outside a transaction block).';
+  'Like ep_rebuild_wait, but commits between polls, so that its snapshot never outlives one 50 ms poll (CALL it outside a transaction block).';

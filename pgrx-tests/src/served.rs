@@ -42,6 +42,30 @@ impl Served {
     pub fn connect(&self) -> Client {
         connect(&served_db())
     }
+
+    /// A connection holding advisory lock `key` exclusively: the handlers of
+    /// `create_gated_counts(.., key)` wait at their next event while the worker runs them.
+    pub fn closed_gate(&self, key: i64) -> Gate {
+        let mut g = Gate { client: self.connect(), key };
+        g.close();
+        g
+    }
+}
+
+/// See `Served::closed_gate`.
+pub struct Gate {
+    client: Client,
+    key: i64,
+}
+
+impl Gate {
+    pub fn close(&mut self) {
+        self.client.execute("SELECT pg_advisory_lock($1)", &[&self.key]).expect("closing the gate");
+    }
+
+    pub fn open(&mut self) {
+        self.client.execute("SELECT pg_advisory_unlock($1)", &[&self.key]).expect("opening the gate");
+    }
 }
 
 /// ALTER SYSTEM statements (one per call: they refuse a transaction block), then a reload.
@@ -95,6 +119,12 @@ pub fn status(c: &mut Client, name: &str) -> String {
 pub fn rebuild_status(c: &mut Client, id: i64) -> (String, String, i64) {
     let r = c.query_one("SELECT status, phase, events_done FROM ep.rebuilds WHERE id = $1", &[&id]).expect("rebuild row");
     (r.get(0), r.get(1), r.get(2))
+}
+
+/// Waits until rebuild `id` is in its replay phase (a gated handler then holds it there).
+pub fn wait_replaying(c: &mut Client, id: i64) {
+    let replaying = wait_until(Duration::from_secs(30), || Ok(rebuild_status(c, id).1 == "replaying"));
+    assert!(replaying.unwrap(), "rebuild {id} never reached its replay");
 }
 
 pub fn wait_for(c: &mut Client, name: &str, position: i64, timeout: &str) -> bool {

@@ -24,8 +24,7 @@ fn the_seeds_race_is_closed_for_in_place_rebuilds() {
     register(&mut c, "race", "w_race.gated(ep.events)", "inline", "w_race");
     fill(&mut c, 5, 3000);
 
-    let mut gate = served.connect();
-    gate.batch_execute("SELECT pg_advisory_lock(9001)").unwrap();
+    let mut gate = served.closed_gate(9001);
     let id = rebuild(&mut c, "race", "in_place");
     assert!(
         wait_until(Duration::from_secs(30), || Ok(status(&mut c, "race") == "rebuilding")).unwrap(),
@@ -43,7 +42,7 @@ fn the_seeds_race_is_closed_for_in_place_rebuilds() {
     );
 
     // 3. Let the replay run to its hand-off. It cannot complete while the append is open.
-    gate.batch_execute("SELECT pg_advisory_unlock(9001)").unwrap();
+    gate.open();
     std::thread::sleep(Duration::from_millis(1500));
     let (st, _, _) = rebuild_status(&mut c, id);
     assert_eq!(st, "running", "the hand-off completed while an append that skipped the projection was open");
@@ -69,15 +68,14 @@ fn the_seeds_race_is_closed_for_blue_green_rebuilds() {
     register(&mut c, "bg", "w_bg.gated(ep.events)", "inline", "w_bg");
     fill(&mut c, 5, 3000);
 
-    let mut gate = served.connect();
-    gate.batch_execute("SELECT pg_advisory_lock(9002)").unwrap();
+    let mut gate = served.closed_gate(9002);
     let id = rebuild(&mut c, "bg", "blue_green");
-    assert!(wait_until(Duration::from_secs(30), || Ok(rebuild_status(&mut c, id).1 == "replaying")).unwrap());
+    wait_replaying(&mut c, id);
 
     let mut a = served.connect();
     a.batch_execute("BEGIN").unwrap();
     let e: i64 = a.query_one("SELECT ep_append('late', 'T', '{}')", &[]).unwrap().get(0);
-    gate.batch_execute("SELECT pg_advisory_unlock(9002)").unwrap();
+    gate.open();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(rebuild_status(&mut c, id).0, "running", "the switch happened while an append was open");
     // Readers still see the live copy, complete: it has every committed event.
@@ -430,8 +428,7 @@ fn async_projections_progress_concurrently_one_owner_each() {
     create_gated_counts(&mut c, "w_stuck", 9004);
     register(&mut c, "stuck", "w_stuck.gated(ep.events)", "async", "w_stuck");
     create_async_counts(&mut c, "free", "w_free");
-    let mut gate = served.connect();
-    gate.batch_execute("SELECT pg_advisory_lock(9004)").unwrap();
+    let mut gate = served.closed_gate(9004);
 
     let first = append(&mut c, "s1", "T", &json!({}), None).unwrap();
     // Workers blocked in the stuck projection's handler (the only lock they can wait on here).
@@ -456,7 +453,7 @@ fn async_projections_progress_concurrently_one_owner_each() {
     assert!(!two.unwrap(), "two workers were in the same projection at once");
     eprintln!("{samples} samples of the workers, never two in one projection");
 
-    gate.batch_execute("SELECT pg_advisory_unlock(9004)").unwrap();
+    gate.open();
     let h = head(&mut c);
     assert!(wait_for(&mut c, "stuck", h, "30 s"), "the released projection did not catch up");
     assert!(wait_for(&mut c, "free", h, "30 s"));
@@ -529,26 +526,25 @@ fn a_running_rebuild_can_be_cancelled() {
     create_gated_counts(&mut c, "w_cancel", 9003);
     register(&mut c, "cancel", "w_cancel.gated(ep.events)", "inline", "w_cancel");
     fill(&mut c, 4, 2000);
-    let mut gate = served.connect();
-    gate.batch_execute("SELECT pg_advisory_lock(9003)").unwrap();
+    let mut gate = served.closed_gate(9003);
 
     let id = rebuild(&mut c, "cancel", "blue_green");
-    assert!(wait_until(Duration::from_secs(30), || Ok(rebuild_status(&mut c, id).1 == "replaying")).unwrap());
+    wait_replaying(&mut c, id);
     let build = format!("w_cancel__ep_build_{id}");
     let cancelled: Option<i64> = c.query_one("SELECT ep_cancel_rebuild('cancel')", &[]).unwrap().get(0);
     assert_eq!(cancelled, Some(id));
-    gate.batch_execute("SELECT pg_advisory_unlock(9003)").unwrap();
+    gate.open();
     assert_eq!(rebuild_wait(&mut c, id), "cancelled");
     let copies: i64 = c.query_one("SELECT count(*) FROM pg_namespace WHERE nspname = $1", &[&build]).unwrap().get(0);
     assert_eq!(copies, 0, "a cancelled blue-green rebuild must drop its copy");
     assert_eq!(status(&mut c, "cancel"), "active");
     assert_counts_match_log(&mut c, "w_cancel");
 
-    gate.batch_execute("SELECT pg_advisory_lock(9003)").unwrap();
+    gate.close();
     let id = rebuild(&mut c, "cancel", "in_place");
     assert!(wait_until(Duration::from_secs(30), || Ok(status(&mut c, "cancel") == "rebuilding")).unwrap());
     c.query_one("SELECT ep_cancel_rebuild('cancel')", &[]).unwrap();
-    gate.batch_execute("SELECT pg_advisory_unlock(9003)").unwrap();
+    gate.open();
     assert_eq!(rebuild_wait(&mut c, id), "cancelled");
     assert_eq!(status(&mut c, "cancel"), "stale");
     let r = c.query_one("SELECT count(*) FROM w_cancel.counts WHERE ep_require_ready('cancel')", &[]);
@@ -591,4 +587,73 @@ fn batch_handlers_in_rebuilds() {
     // Rebuilds called it with batches, not once per event.
     let big: i64 = c.query_one("SELECT count(*) FROM w_bh.calls WHERE size > 1", &[]).unwrap().get(0);
     assert!(big > 0, "the rebuild never passed a batch");
+}
+
+/// Waiting for a rebuild. In the transaction that queued it, `ep_rebuild_wait` is refused at once
+/// (55000): the worker cannot see the rebuild before the commit. `CALL ep_rebuild_await` commits
+/// between polls, so the xmin horizon it holds moves on while a rebuild is held up, where
+/// `ep_rebuild_wait` (a function, one statement snapshot) pins it for the whole wait; it times out
+/// with 57014 and returns the final status.
+#[test]
+fn waiting_for_a_rebuild_refuses_the_queuing_transaction_and_await_does_not_pin_the_horizon() {
+    let (served, mut c) = Served::fresh();
+    create_gated_counts(&mut c, "w_wait", 9005);
+    register(&mut c, "waited", "w_wait.gated(ep.events)", "inline", "w_wait");
+    fill(&mut c, 3, 500);
+
+    let mut t = c.transaction().unwrap();
+    let id: i64 = t.query_one("SELECT ep_rebuild('waited')", &[]).unwrap().get(0);
+    let started = Instant::now();
+    let r = t.query_one("SELECT ep_rebuild_wait($1, '30 s')", &[&id]);
+    expect_sqlstate(r, &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "waiting in the transaction that queued the rebuild");
+    assert!(started.elapsed() < Duration::from_secs(5), "refused only after {:?}", started.elapsed());
+    t.rollback().unwrap();
+
+    let mut gate = served.closed_gate(9005);
+    let id = rebuild(&mut c, "waited", "in_place");
+    wait_replaying(&mut c, id);
+    // With bound parameters (extended protocol) and as plain text (simple protocol).
+    let r = c.query_one("CALL ep_rebuild_await($1, '200 ms')", &[&id]);
+    expect_sqlstate(r, &SqlState::QUERY_CANCELED, "ep_rebuild_await past its timeout");
+    let r = c.batch_execute(&format!("CALL ep_rebuild_await({id}, '200 ms')"));
+    expect_sqlstate(r, &SqlState::QUERY_CANCELED, "ep_rebuild_await past its timeout (simple protocol)");
+
+    // backend_xmin of a session waiting with `call`, sampled twice with commits in between.
+    let xmins = |call: String| -> (Option<i64>, Option<i64>) {
+        let mut w = served.connect();
+        let pid: i32 = w.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        let mut c = served.connect();
+        std::thread::scope(|s| {
+            let waiter = s.spawn(move || w.batch_execute(&call));
+            let xmin = |c: &mut Client| -> Option<i64> {
+                c.query_one("SELECT backend_xmin::text::bigint FROM pg_stat_activity WHERE pid = $1", &[&pid])
+                    .unwrap()
+                    .get(0)
+            };
+            assert!(wait_until(Duration::from_secs(10), || Ok(xmin(&mut c).is_some())).unwrap(), "the waiter never started");
+            let first = xmin(&mut c);
+            for i in 0..20 {
+                append(&mut c, "elsewhere", "Other", &json!({ "i": i }), None).unwrap();
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            let later = xmin(&mut c);
+            // End the wait: cancel the waiter's statement.
+            c.execute("SELECT pg_cancel_backend($1)", &[&pid]).unwrap();
+            let _ = waiter.join().unwrap();
+            (first, later)
+        })
+    };
+    let (f, l) = xmins(format!("SELECT ep_rebuild_wait({id}, '60 s')"));
+    assert_eq!(f, l, "ep_rebuild_wait holds one snapshot for the whole wait (the control of this test)");
+    let (f, l) = xmins(format!("CALL ep_rebuild_await({id}, '60 s')"));
+    assert_ne!(f, l, "CALL ep_rebuild_await kept the xmin horizon pinned while it waited");
+
+    gate.open();
+    let rows = c.simple_query(&format!("CALL ep_rebuild_await({id}, '60 s')")).unwrap();
+    let status = rows.iter().find_map(|m| match m {
+        ep_connection_tests::postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(status.as_deref(), Some("done"));
+    assert_counts_match_log(&mut c, "w_wait");
 }
