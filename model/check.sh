@@ -4,7 +4,7 @@
 # - the protocol as DESIGN.md states it must verify with 0 errors (assertions and invalid end
 #   states) in every scenario and bound listed below;
 # - the seeds' published protocol and each deliberately broken variant (BUG_*) must produce an
-#   error;
+#   error (BUG_VIEW_SURVIVES_ROLLBACK: the code before issue 11's fix);
 # - the mixed lock order without the hand-off lock_timeout must deadlock (SPIN: invalid end state);
 # - the kept counterexample trails must still replay against the model.
 #
@@ -87,6 +87,29 @@ checks=(
   "bug-old-snapshot-bluegreen|fail|ep.pml|-DSCEN_BG -DBUG_RF_OLD_SNAPSHOT"
   "bug-old-snapshot-register|fail|ep.pml|-DSCEN_REG -DBUG_RF_OLD_SNAPSHOT"
   "bug-g2-no-hw-register|fail|ep.pml|-DSCEN_REG -DBUG_G2_NO_HW"
+  # --- the per-backend view of the registry and the epoch (issue 11): a session changes the
+  # registry, appends, rolls back (whole, or to a savepoint), appends again; other backends append
+  "view-unregister|pass|ep.pml|-DSCEN_VIEW"
+  "view-unregister-savepoint|pass|ep.pml|-DSCEN_VIEW -DVIEW_SAVEPOINT"
+  "view-register|pass|ep.pml|-DSCEN_VIEW -DVIEW_REG"
+  "view-register-savepoint|pass|ep.pml|-DSCEN_VIEW -DVIEW_REG -DVIEW_SAVEPOINT"
+  "view-unregister-wide|pass|ep.pml|-DSCEN_VIEW -DVNOTHER=2 -DVOTX=1"
+  "view-unregister-savepoint-wide|pass|ep.pml|-DSCEN_VIEW -DVIEW_SAVEPOINT -DVNOTHER=2 -DVOTX=1"
+  "view-register-wide|pass|ep.pml|-DSCEN_VIEW -DVIEW_REG -DVNOTHER=2 -DVOTX=1"
+  "view-register-savepoint-wide|pass|ep.pml|-DSCEN_VIEW -DVIEW_REG -DVIEW_SAVEPOINT -DVNOTHER=2 -DVOTX=1"
+  # ... the fix without forget_inline_view at the change (the drop is not needed)
+  "view-no-forget-unregister|pass|ep.pml|-DSCEN_VIEW -DVIEW_NO_FORGET"
+  "view-no-forget-unregister-savepoint|pass|ep.pml|-DSCEN_VIEW -DVIEW_SAVEPOINT -DVIEW_NO_FORGET"
+  "view-no-forget-register|pass|ep.pml|-DSCEN_VIEW -DVIEW_REG -DVIEW_NO_FORGET"
+  "view-no-forget-register-savepoint|pass|ep.pml|-DSCEN_VIEW -DVIEW_REG -DVIEW_SAVEPOINT -DVIEW_NO_FORGET"
+  # ... the code before the fix (the view read in a registry-changing transaction is kept) fails
+  "bug-view-survives-rollback-unregister|fail|ep.pml|-DSCEN_VIEW -DBUG_VIEW_SURVIVES_ROLLBACK"
+  "bug-view-survives-rollback-unregister-savepoint|fail|ep.pml|-DSCEN_VIEW -DVIEW_SAVEPOINT -DBUG_VIEW_SURVIVES_ROLLBACK"
+  "bug-view-survives-rollback-register|fail|ep.pml|-DSCEN_VIEW -DVIEW_REG -DBUG_VIEW_SURVIVES_ROLLBACK"
+  "bug-view-survives-rollback-register-savepoint|fail|ep.pml|-DSCEN_VIEW -DVIEW_REG -DVIEW_SAVEPOINT -DBUG_VIEW_SURVIVES_ROLLBACK"
+  # ... and so does a committed registry change that does not move the epoch
+  "bug-view-no-epoch-bump-unregister|fail|ep.pml|-DSCEN_VIEW -DBUG_VIEW_NO_EPOCH_BUMP"
+  "bug-view-no-epoch-bump-register|fail|ep.pml|-DSCEN_VIEW -DVIEW_REG -DBUG_VIEW_NO_EPOCH_BUMP"
 )
 # MODEL_FULL=1: the larger bounds too (about 90 million more states, 2-3 more CPU minutes).
 if [ "${MODEL_FULL:-0}" = 1 ]; then
@@ -167,6 +190,7 @@ kept=(
   "seeds-counterexample.trail|ep_seeds.pml||assertion violated"
   "finding-reader-bluegreen.trail|ep.pml|-DSCEN_BG -DREADER -DNAPP=1|assertion violated"
   "finding-reader-inplace.trail|ep.pml|-DSCEN_INPLACE -DREADER -DNAPP=1|assertion violated"
+  "view-rollback-counterexample.trail|ep.pml|-DSCEN_VIEW -DBUG_VIEW_SURVIVES_ROLLBACK -DVNOTHER=0|assertion violated"
 )
 # (no-lock-timeout-deadlock.trail is kept too, but a replay cannot tell a deadlock from a trail that
 # no longer fits the model; the check mixed-lock-order-no-lock-timeout finds the deadlock again.)
@@ -178,22 +202,22 @@ if [ -z "$only" ] || [[ "trails" =~ $only ]]; then
     # shellcheck disable=SC2086
     (cd "$tmp" && spin $flags -t -k "$here/$file" "$here/$model" >"$out" 2>&1) || true
     if grep -q "trail ends after" "$out" && grep -q "$want" "$out"; then
-      trail_lines+=("$(printf '%-34s %-8s %-8s replays' "$file" replay ok)")
+      trail_lines+=("$(printf '%-48s %-8s %-8s replays' "$file" replay ok)")
     else
-      trail_lines+=("$(printf '%-34s %-8s %-8s does not replay against the model: run model/regen-trails.sh' "$file" replay UNEXPECTED)")
+      trail_lines+=("$(printf '%-48s %-8s %-8s does not replay against the model: run model/regen-trails.sh' "$file" replay UNEXPECTED)")
     fi
   done
 fi
 
 status=0
-printf '\n%-34s %-8s %-8s %7s %12s %13s %7s  %s\n' check expect result errors states transitions seconds note
-printf '%s\n' "--------------------------------------------------------------------------------------------------------------"
+printf '\n%-48s %-8s %-8s %7s %12s %13s %7s  %s\n' check expect result errors states transitions seconds note
+printf '%s\n' "----------------------------------------------------------------------------------------------------------------------------"
 total_states=0
 for name in "${names[@]}"; do
   read -r n expect got errors states trans secs what <"$tmp/$name/result"
   ok="ok"
   if [ "$got" != "$expect" ]; then ok="UNEXPECTED"; status=1; fi
-  printf '%-34s %-8s %-8s %7s %12s %13s %7s  %s %s\n' "$n" "$expect" "$got" "$errors" "$states" "$trans" \
+  printf '%-48s %-8s %-8s %7s %12s %13s %7s  %s %s\n' "$n" "$expect" "$got" "$errors" "$states" "$trans" \
     "$secs" "$ok" "$([ "$what" = - ] && echo "" || echo "($what)")"
   if [[ "$states" =~ ^[0-9]+$ ]]; then total_states=$((total_states + states)); fi
   if [ "$ok" != ok ]; then

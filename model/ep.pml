@@ -11,6 +11,13 @@
  *   SCEN_REGREB   SCEN_REG, then an in-place rebuild of the registered projection
  *   SCEN_ASYNC    appenders + async delivery (D1, D2 with H1..H4) + an async in-place rebuild
  *                 (truncate, position := 0) + worker crashes
+ *   SCEN_VIEW     the per-backend view of the registry and the registry epoch (DESIGN.md 2, "The
+ *                 view of the registry"): one session changes the registry (unregisters P, or with
+ *                 VIEW_REG registers it), appends in the same transaction, commits or rolls back
+ *                 (with VIEW_SAVEPOINT: the change and the append in a savepoint, ROLLBACK TO
+ *                 SAVEPOINT, another append, then commit or roll back), then appends VAFTER times
+ *                 (default 2) in transactions of their own; VNOTHER other backends (default 1)
+ *                 append VOTX times each (default 2), each backend with its own kept view
  * Bounds: NAPP appenders (default 3), CFGk = "stream,events,subscribed,isolation" per appender,
  *   MAXCRASH worker crashes (default 1), BATCH events per replay transaction (default 2),
  *   REBUILDS rebuilds in a row (default 1).
@@ -32,6 +39,12 @@
  *   MIXED_LOCK_ORDER         appender 0 takes its stream lock before P SHARED, as a transaction
  *                            does whose earlier ep_append (of an unsubscribed type) locked a
  *                            stream and whose later ep_append needs P SHARED
+ *   BUG_VIEW_SURVIVES_ROLLBACK  (SCEN_VIEW) the code before issue 11: a transaction that changed
+ *                            the registry keeps the view its appends read (its own uncommitted
+ *                            change) with the unchanged epoch; a rollback leaves it in place
+ *   BUG_VIEW_NO_EPOCH_BUMP   (SCEN_VIEW) a committed registry change does not bump the epoch
+ *   VIEW_NO_FORGET           (SCEN_VIEW) the change does not drop the backend's kept view (the fix
+ *                            does not need the drop: passes)
  *
  * Every label names the DESIGN.md step it models.
  *
@@ -50,7 +63,7 @@
  */
 
 /* ------------------------------------------------------------------ scenario */
-#if !defined(SCEN_INPLACE) && !defined(SCEN_BG) && !defined(SCEN_REG) && !defined(SCEN_REGREB) && !defined(SCEN_ASYNC)
+#if !defined(SCEN_INPLACE) && !defined(SCEN_BG) && !defined(SCEN_REG) && !defined(SCEN_REGREB) && !defined(SCEN_ASYNC) && !defined(SCEN_VIEW)
 #define SCEN_INPLACE 1
 #endif
 #if defined(SCEN_REG) || defined(SCEN_REGREB)
@@ -61,6 +74,8 @@
 #endif
 #if defined(SCEN_REGREB)
 #define NWORK 2       /* registrar, then the rebuild worker */
+#elif defined(SCEN_VIEW)
+#define NWORK 0       /* no worker: the session and the other backends */
 #else
 #define NWORK 1
 #endif
@@ -72,6 +87,12 @@
 #define DEF_CFG0 0,1,1,0
 #define DEF_CFG1 1,1,0,0
 #define DEF_CFG2 0,2,1,0
+#elif defined(SCEN_VIEW)
+/* backend 0 is the session, 1.. the other backends; one event per append, READ COMMITTED (the
+ * `events` and `isolation` fields are not used in SCEN_VIEW) */
+#define DEF_CFG0 0,1,1,0
+#define DEF_CFG1 1,1,1,0
+#define DEF_CFG2 0,1,1,0
 #else
 #define DEF_CFG0 0,1,1,0
 #define DEF_CFG1 0,1,1,1
@@ -87,6 +108,24 @@
 #define CFG2 DEF_CFG2
 #endif
 
+#if defined(SCEN_VIEW)
+#ifndef VNOTHER
+#define VNOTHER 1     /* other backends appending concurrently (0..2) */
+#endif
+#ifndef VOTX
+#define VOTX 2        /* transactions of each other backend (one append each) */
+#endif
+#ifndef VAFTER
+#define VAFTER 2      /* the session's appends after the registry-changing transaction */
+#endif
+#if VNOTHER == 0
+#define NAPP 1
+#elif VNOTHER == 1
+#define NAPP 2
+#else
+#define NAPP 3
+#endif
+#endif
 #ifndef NAPP
 #define NAPP 3
 #endif
@@ -102,6 +141,16 @@
 
 #define NSTREAM 2
 #define MAXPOS  6     /* >= total number of events of all appenders */
+#if defined(SCEN_VIEW)
+#ifdef VIEW_SAVEPOINT
+#define VSP 1
+#else
+#define VSP 0
+#endif
+#if 1 + VSP + VAFTER + VNOTHER * VOTX > MAXPOS
+#error "SCEN_VIEW: more events than positions (MAXPOS)"
+#endif
+#endif
 #if defined(SCEN_ASYNC)
 #define P_INLINE 0    /* subscribed_inline() never lists an async projection */
 #else
@@ -976,6 +1025,302 @@ Rd_read:
 }
 #endif
 
+/* ------------------------------------------------------------------ the view of the registry (SCEN_VIEW)
+ * DESIGN.md 2, "The view of the registry"; src/registry.rs projections_for_appends, src/inflight.rs
+ * bump_epoch_at_commit / registry_changed_here / on_xact_event.
+ *
+ * Each backend b keeps (kv_ok[b], kv_ep[b], kv_st[b]): a view of the registry (here: P's row, absent
+ * or its status) and the registry epoch it was read under. `repoch` is the shared-memory epoch,
+ * bumped by the xact callback of a transaction that changed the registry, after its commit is
+ * visible and before its locks are released; never at an abort. A3 (after the registry lock) and
+ * A5 (after P's lock) use the kept view if the epoch equals the kept one, else read the catalog
+ * with a fresh snapshot (which also sees the reading transaction's own uncommitted change) and keep
+ * the result with the epoch read *before* the catalog read.
+ * The fix (issue 11): a transaction that has changed the registry (`chg`: set at the change, kept
+ * by ROLLBACK TO SAVEPOINT, cleared at the top-level commit/abort) neither uses nor keeps a view:
+ * every A3/A5 in it reads the catalog. BUG_VIEW_SURVIVES_ROLLBACK: the code before the fix, which
+ * keeps that view (its own uncommitted change) under the unchanged epoch.
+ * Abstractions: P is inline and never rebuilt here (no worker, no status flip without the registry
+ * lock), so the in-flight slots and the high-water mark play no part and are left out; the
+ * session's registration is G1 + G3 (0 G2 rounds, a path of the code; the registration checks
+ * cover G2); the hand-off lock waits of unregister/register are plain waits (with one registry
+ * changer and the lock order registry -> P there is no cycle to break); every append is one event,
+ * READ COMMITTED (A6 does not apply); a plain append transaction commits (its abort touches no view).
+ * Property (e), at every handler call: P exists for the calling transaction (committed and not
+ * deleted by it, or inserted by it); (a) at the end, and at the commit of an unregistration (P's
+ * model is then complete, and by (e) nothing is applied to it afterwards).
+ */
+#if defined(SCEN_VIEW)
+#define TX_DEL 1      /* this transaction deleted P's row (ep_unregister_projection) */
+#define TX_INS 2      /* this transaction inserted P's row (ep_register_projection, G1) */
+/* P's status as a catalog read with a fresh snapshot sees it, in a transaction whose own change is `own` */
+#define FRESH(own) ((own) == TX_DEL -> ST_NONE : ((own) == TX_INS -> ST_ACTIVE : status))
+
+byte repoch;                    /* the registry epoch (shared memory) */
+bool kv_ok[NAPP];               /* per backend: a kept view, */
+byte kv_ep[NAPP];               /* the epoch it was read under, */
+byte kv_st[NAPP];               /* and what it says of P (ST_NONE: not registered) */
+
+#ifdef VIEW_NO_FORGET
+#define FORGET_VIEW(b) skip
+#else
+#define FORGET_VIEW(b) kv_ok[b] = 0     /* forget_inline_view at the change */
+#endif
+
+/* projections_for_appends (A3 and A5): vst := P's status as this backend's view says. The epoch is
+ * read in one step and the kept view compared / the catalog read in the next. */
+inline view_get(b, own, chg, vst, e)
+{
+#ifndef BUG_VIEW_SURVIVES_ROLLBACK
+  if
+  :: chg -> vst = FRESH(own)               /* changed here: a fresh read, nothing kept */
+  :: else ->
+#endif
+     e = repoch;                            /* the epoch, before the catalog */
+     d_step {
+       if
+       :: kv_ok[b] && kv_ep[b] == e -> vst = kv_st[b]                      /* the kept view */
+       :: else -> vst = FRESH(own); kv_ok[b] = 1; kv_ep[b] = e; kv_st[b] = vst   /* read, keep */
+       fi;
+       e = 0
+     }
+#ifndef BUG_VIEW_SURVIVES_ROLLBACK
+  fi
+#endif
+}
+
+/* A2..A10 of one ep_append (one event) by backend b in a transaction whose own registry change is
+ * `own`, holding the registry / P EXCLUSIVE already if hregx / hpx (a backend's own locks do not
+ * conflict with its requests). Handler writes go to the transaction's `pend`. */
+inline v_append(b, own, chg, hregx, hpx, hreg, hp, hst, inlist, apply, vst, e, pend, pos)
+{
+  skip;
+A2_registry_shared:
+  atomic { hregx || hreg || (!reg_x && !reg_xq) -> if :: !hregx && !hreg -> reg_s++; hreg = 1 :: else -> skip fi }
+A3_read_list:
+  view_get(b, own, chg, vst, e);
+  inlist = (vst != ST_NONE) && SUB_OF(b);
+  vst = 0;
+A4_projection_shared:
+  if
+  :: inlist -> atomic { hpx || hp || (!p_x && !p_xq) -> if :: !hpx && !hp -> p_s++; hp = 1 :: else -> skip fi }
+  :: else -> skip
+  fi;
+A5_status_fresh:
+  view_get(b, own, chg, vst, e);
+  apply = inlist && vst == ST_ACTIVE;
+  vst = 0;
+A7_stream_lock:
+  atomic { st_lock[S_OF(b)] == 0 -> st_lock[S_OF(b)] = _pid; hst = 1 }
+A8_slot_positions:
+  /* nextval and the insert (A9): invisible until the commit */
+  d_step {
+    seq++; pos = seq; evst[pos] = EV_INFLIGHT; evown[pos] = b;
+    evspos[pos] = stream_ver[S_OF(b)] + 1; evprev[pos] = sublast[S_OF(b)]
+  }
+A10_handlers:
+  if
+  :: apply ->
+     d_step {
+       assert(FRESH(own) != ST_NONE);       /* (e) no handler for a projection that does not exist */
+       /* the handler's view of the stream: the committed model plus the transaction's own writes */
+       h_v = LAST(0, S_OF(b));
+       h_p = 1;
+       do
+       :: h_p <= MAXPOS ->
+          if :: ((pend >> h_p) & 1) && STREAM(h_p) == S_OF(b) -> h_v = evspos[h_p] :: else -> skip fi;
+          h_p++
+       :: else -> break
+       od;
+       assert(h_v == evprev[pos]);          /* (b) */
+       pend = pend | (1 << pos);
+       h_p = 0; h_v = 0
+     }
+  :: else -> skip
+  fi;
+  inlist = 0; apply = 0; pos = 0
+}
+
+/* the commit record of backend b's transaction: its events, stream version, handler writes */
+inline v_commit(b, pend)
+{
+  h_p = 1;
+  do
+  :: h_p <= MAXPOS ->
+     if
+     :: evown[h_p] == b && evst[h_p] == EV_INFLIGHT ->
+        evst[h_p] = EV_COMMITTED;
+        stream_ver[S_OF(b)] = evspos[h_p];
+        if :: SUB_OF(b) -> sublast[S_OF(b)] = evspos[h_p] :: else -> skip fi
+     :: else -> skip
+     fi;
+     h_p++
+  :: else -> break
+  od;
+  h_p = 0;
+  merge(0, pend)
+}
+
+/* backend b's uncommitted events become gaps (abort, or ROLLBACK TO a savepoint taken before them) */
+inline v_abort(b)
+{
+  h_p = 1;
+  do
+  :: h_p <= MAXPOS ->
+     if :: evown[h_p] == b && evst[h_p] == EV_INFLIGHT -> evst[h_p] = EV_ABORTED :: else -> skip fi;
+     h_p++
+  :: else -> break
+  od;
+  h_p = 0
+}
+
+/* the locks of an append go (commit, abort, or the rollback of the savepoint they were taken in) */
+inline v_unlock(b, hreg, hp, hst)
+{
+  if :: hst -> st_lock[S_OF(b)] = 0 :: else -> skip fi;
+  if :: hp -> p_s-- :: else -> skip fi;
+  if :: hreg -> reg_s-- :: else -> skip fi;
+  hst = 0; hp = 0; hreg = 0
+}
+
+/* The session (backend 0): issue 11's script.
+ *   BEGIN; [SAVEPOINT s;] ep_unregister_projection('P') | ep_register_projection('P', ..);
+ *   ep_append(..);
+ *   [ROLLBACK TO SAVEPOINT s; ep_append(..);]  COMMIT | ROLLBACK;
+ *   then VAFTER times: ep_append(..) (a transaction of its own, committed) */
+proctype session()
+{
+  bool chg;                    /* changed_here (inflight.rs registry_changed_here, BUMP_AT_COMMIT) */
+  byte txp;                    /* this transaction's own uncommitted change of P's row: TX_DEL, TX_INS */
+  bool hregx, hpx;             /* registry / P EXCLUSIVE held (unregister, registration) */
+  bool hreg, hp, hst, inlist, apply;
+  byte vst, e, pend, pos, newcp, L;
+  byte ph;                     /* the statement of the script: 1 the append after the change, 2 the
+                                * append after ROLLBACK TO SAVEPOINT, 3.. the later transactions */
+
+T_begin:
+#ifdef VIEW_SAVEPOINT
+T_savepoint:
+  skip;                        /* SAVEPOINT s: nothing of the transaction before it */
+#endif
+#ifndef VIEW_REG
+  /* registry.rs unregister: the registry lock and P's lock EXCLUSIVE (lock_patiently), DELETE */
+U1_registry_exclusive:
+  reg_xq = 1;
+  atomic { reg_s == 0 && !reg_x -> reg_x = 1; reg_xq = 0; hregx = 1 }
+U2_projection_exclusive:
+  p_xq = 1;
+  atomic { p_s == 0 && !p_x -> p_x = 1; p_xq = 0; hpx = 1 }
+U3_delete:
+  d_step { txp = TX_DEL; chg = 1; FORGET_VIEW(0) }      /* the row is gone for this transaction only */
+#else
+  /* registry.rs register: G1 insert (private), G3 the registry lock EXCLUSIVE and the catch-up */
+G1_insert:
+  d_step { txp = TX_INS; chg = 1; FORGET_VIEW(0) }      /* the row exists for this transaction only */
+G3_registry_exclusive:
+  reg_xq = 1;
+  atomic { reg_s == 0 && !reg_x -> reg_x = 1; reg_xq = 0; hregx = 1 }
+G3_catchup:
+  d_step { L = seq; apply_range(0, 0, L, MAXPOS, 0, pend, newcp); newcp = 0; L = 0 }
+#endif
+  ph = 1;
+
+S_append:
+  v_append(0, txp, chg, hregx, hpx, hreg, hp, hst, inlist, apply, vst, e, pend, pos);
+#ifdef VIEW_SAVEPOINT
+  if
+  :: ph == 1 ->
+T_rollback_to_savepoint:
+     /* the change, the append's event and handler writes, and every lock taken since the savepoint
+      * go; `chg` stays (BUMP_AT_COMMIT is per top-level transaction); so does the slot (not modelled) */
+     d_step {
+       v_abort(0); pend = 0; txp = 0;
+       if :: hregx -> reg_x = 0 :: else -> skip fi;
+       if :: hpx -> p_x = 0 :: else -> skip fi;
+       hregx = 0; hpx = 0;
+       v_unlock(0, hreg, hp, hst)
+     }
+     ph = 2;
+     goto S_append
+  :: else -> skip
+  fi;
+#endif
+T_end:
+  if
+  :: true -> goto T_commit
+  :: ph <= 2 -> goto T_rollback                  /* ROLLBACK (or an error, or a crash) */
+  fi;
+
+T_commit:
+  skip;
+  d_step {
+#ifndef VIEW_REG
+    if :: txp == TX_DEL -> check_copy(0) :: else -> skip fi;   /* (a) P's model as the unregistration takes it */
+#endif
+    v_commit(0, pend);
+    if
+    :: txp == TX_DEL -> status = ST_NONE; status_ver++
+    :: txp == TX_INS -> status = ST_ACTIVE; status_ver++
+    :: else -> skip
+    fi;
+    txp = 0
+  }
+T_callback:
+  /* on_xact_event COMMIT: the epoch moves after the commit is visible, before the locks go */
+  d_step {
+#ifndef BUG_VIEW_NO_EPOCH_BUMP
+    if :: chg -> repoch++ :: else -> skip fi;
+#endif
+    chg = 0;
+    if :: hregx -> reg_x = 0 :: else -> skip fi;
+    if :: hpx -> p_x = 0 :: else -> skip fi;
+    hregx = 0; hpx = 0;
+    v_unlock(0, hreg, hp, hst)
+  }
+  goto T_next;
+
+T_rollback:
+  /* the whole transaction goes; on_xact_event ABORT: BUMP_AT_COMMIT := false, no bump */
+  skip;
+  d_step {
+    v_abort(0); pend = 0; txp = 0; chg = 0;
+    if :: hregx -> reg_x = 0 :: else -> skip fi;
+    if :: hpx -> p_x = 0 :: else -> skip fi;
+    hregx = 0; hpx = 0;
+    v_unlock(0, hreg, hp, hst)
+  }
+
+T_next:
+  if
+  :: ph < 2 + VAFTER -> ph = (ph < 3 -> 3 : ph + 1); goto S_append   /* BEGIN; ep_append; COMMIT */
+  :: else -> skip
+  fi;
+  ph = 0;
+  ndone++
+}
+
+/* another backend: VOTX transactions of one ep_append each, with its own kept view */
+proctype backend(byte b)
+{
+  bool hreg, hp, hst, inlist, apply;
+  byte vst, e, pend, pos, t;
+
+B_append:
+  v_append(b, 0, 0, 0, 0, hreg, hp, hst, inlist, apply, vst, e, pend, pos);
+B_commit:
+  d_step { v_commit(b, pend) }
+B_release:
+  d_step { v_unlock(b, hreg, hp, hst) }
+  t++;
+  if
+  :: t < VOTX -> goto B_append
+  :: else -> skip
+  fi;
+  t = 0;
+  ndone++
+}
+#endif
+
 /* ------------------------------------------------------------------ init + final check */
 init {
   byte k;
@@ -986,16 +1331,30 @@ init {
     :: else -> break
     od;
     k = 0;
-#if defined(HAS_REG)
+#if defined(HAS_REG) || (defined(SCEN_VIEW) && defined(VIEW_REG))
     status = ST_NONE;
 #else
     status = ST_ACTIVE;
 #endif
     status_ver = 1;
+#if defined(SCEN_VIEW)
+    /* every backend starts with a view kept from an earlier append (epoch 0) */
+    do
+    :: k < NAPP -> kv_ok[k] = 1; kv_ep[k] = 0; kv_st[k] = status; k++
+    :: else -> break
+    od;
+    k = 1;
+    run session();
+    do
+    :: k < NAPP -> run backend(k); k++
+    :: else -> break
+    od;
+#else
     do
     :: k < NAPP -> run appender(k); k++
     :: else -> break
     od;
+#endif
     k = 0;
 #if defined(HAS_REG)
     run registrar();
@@ -1022,6 +1381,15 @@ init {
     if
     :: status == ST_NONE -> check_empty(0)      /* never registered: nothing applied */
     :: else -> assert(status == ST_ACTIVE); check_copy(0)
+    fi
+#elif defined(SCEN_VIEW)
+    if
+    :: status == ST_ACTIVE -> check_copy(0)
+#ifdef VIEW_REG
+    :: else -> check_empty(0)                   /* never registered: nothing applied */
+#else
+    :: else -> skip                             /* unregistered: complete at that commit, (e) since */
+#endif
     fi
 #elif defined(SCEN_BG)
     assert(status == ST_ACTIVE);

@@ -14,6 +14,7 @@ trails=(
   "finding-reader-bluegreen.trail|ep.pml|-DSCEN_BG -DREADER -DNAPP=1"
   "finding-reader-inplace.trail|ep.pml|-DSCEN_INPLACE -DREADER -DNAPP=1"
   "no-lock-timeout-deadlock.trail|ep.pml|-DSCEN_INPLACE -DMIXED_LOCK_ORDER -DNO_LOCK_TIMEOUT -DNAPP=2"
+  "view-rollback-counterexample.trail|ep.pml|-DSCEN_VIEW -DBUG_VIEW_SURVIVES_ROLLBACK -DVNOTHER=0"
 )
 
 for t in "${trails[@]}"; do

@@ -17,7 +17,19 @@ NOISE = re.compile(r"^(h_\w+|i|k|m|L|c|seen|gaveup|newcp|pend|snap|s_\w+|hst|hp|
                    r"^\(\(k<=|^\(\(k<\d|^evown\[k\]")
 GLOBALS = ("inlist", "apply", "copy", "rr", "snapver", "hw", "seq", "evst", "slot", "status", "status_ver", "p_x", "p_s", "p_xq", "reg_s", "reg_x",
            "reg_xq", "st_lock", "checkpoint", "rb_phase", "cnt", "lastp", "live", "apos", "crashes",
-           "stream_ver", "sublast", "ndone", "wdone", "epoch", "regdone")
+           "stream_ver", "sublast", "ndone", "wdone", "epoch", "regdone",
+           "repoch", "kv_ok", "kv_ep", "kv_st", "vst", "txp", "chg", "pos")
+# a conditional on constants, as spin prints the expansion of S_OF(0), FRESH(0), ...: folded
+CONST_COND = re.compile(r"\( \(\((\d+)==(\d+)\)\) (?:\?|->) \(([^()]*)\) : \(([^()]*)\) \)")
+
+
+def fold(text):
+    while True:
+        new = CONST_COND.sub(lambda m: m.group(3) if m.group(1) == m.group(2) else m.group(4), text)
+        new = re.sub(r"\(\((\w+)\)\)", r"(\1)", new)
+        if new == text:
+            return text
+        text = new
 
 
 def labels_of(paths):
@@ -80,11 +92,13 @@ def main():
             continue
         text = "; ".join(dict.fromkeys(shared))
         text = re.sub(r"\(\s*\(\(me==0\)\) \? \(0\) : \(\( \(\(me==1\)\) \? \((\d)\) : \((\d)\) \)\) \)", "S", text)
+        if pname in ("session", "backend"):
+            text = fold(text)
         print(f"{step:>5}  {pname}[{proc}]  {' / '.join(w for w in wheres if w):<28}  {text}")
     for t in tail:
         print(t)
     if final:
-        keys = [k for k in final if re.match(r"(seq|evst|cnt|lastp|sublast|status|status_ver|live|checkpoint|apos)\b", k)]
+        keys = [k for k in final if re.match(r"(seq|evst|cnt|lastp|sublast|status|status_ver|live|checkpoint|apos|repoch|kv_ok|kv_ep|kv_st)\b", k)]
         print("final state: " + ", ".join(f"{k}={final[k]}" for k in keys))
 
 
