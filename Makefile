@@ -4,7 +4,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 PGDATA_TEST ?= /var/tmp/event_projections/pgrx-test
 
-.PHONY: setup build install demo test unit-test connection-test model-check bench clean-cluster
+.PHONY: setup build install demo test lint soak unit-test connection-test model-check bench clean-cluster
 
 setup:
 	@bash scripts/setup.sh
@@ -23,6 +23,10 @@ demo: install
 # against a running cluster with the extension preloaded, then the model check.
 test: setup
 	@bash scripts/test.sh
+
+# Formatting, clippy with every unsafe block explained, and the one-way module layers.
+lint: setup
+	@bash scripts/lint.sh
 
 unit-test: setup
 	mkdir -p $(dir $(PGDATA_TEST)) && chown postgres:postgres $(dir $(PGDATA_TEST))

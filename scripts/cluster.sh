@@ -8,7 +8,7 @@
 # EP_DB (default ep; the database the background worker serves), EP_CONF (extra postgresql.conf lines).
 set -euo pipefail
 
-PGBIN=/usr/lib/postgresql/15/bin
+PGBIN=${EP_PGBIN:-/usr/lib/postgresql/15/bin}   # EP_PGBIN: another installation (an older build)
 PORT=${EP_PORT:-55432}
 DATA=${EP_DATA:-/var/tmp/event_projections/$PORT}
 SOCK=$DATA/socket

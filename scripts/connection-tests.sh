@@ -37,7 +37,7 @@ bash scripts/cluster.sh start
 
 start=$(date +%s)
 echo "connection-tests: Rust suite (pgrx-tests), cluster on port $EP_PORT"
-(cd pgrx-tests && cargo test --release -- --test-threads="${EP_TEST_THREADS:-4}")
+(cd pgrx-tests && cargo test --release --no-fail-fast -- --test-threads="${EP_TEST_THREADS:-4}")
 
 echo "connection-tests: Python example ($PYTHON)"
 "$PYTHON" examples/python/example.py

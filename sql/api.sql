@@ -87,10 +87,13 @@ LEFT JOIN LATERAL (
     SELECT * FROM ep.rebuilds r
      WHERE r.projection_id = p.id
      ORDER BY (r.status IN ('queued', 'running')) DESC, r.id DESC
-     LIMIT 1) r ON true;
+     LIMIT 1) r ON true
+-- The view reads the catalog with its owner's rights; a role sees the projections it acts for
+-- (their errors can quote the events they failed on), or all of them with SELECT on the registry.
+WHERE pg_catalog.pg_has_role(p.owner, 'USAGE')
+   OR pg_catalog.has_table_privilege('ep.projections', 'SELECT');
 COMMENT ON VIEW ep.projection_status IS
-  'One row per projection: mode, status, the current (or last) rebuild with progress and an estimate of the time left, async lag, and the last error.';
-GRANT SELECT ON ep.projection_status TO PUBLIC;
+  'One row per projection the current role acts for: mode, status, the current (or last) rebuild with progress and an estimate of the time left, async lag, and the last error.';
 
 -- ep_rebuild_wait is a function: the statement that calls it keeps its snapshot for the whole wait,
 -- which keeps VACUUM and page pruning from removing dead rows everywhere meanwhile, the rebuilt read
@@ -110,10 +113,8 @@ BEGIN
         RAISE EXCEPTION 'invalid timeout: % (must be 0 or more)', timeout USING ERRCODE = '22023';
     END IF;
     LOOP
-        SELECT r.status INTO status FROM ep.rebuilds r WHERE r.id = rebuild_id;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'rebuild % does not exist', rebuild_id USING ERRCODE = '42704';
-        ELSIF status IN ('done', 'failed', 'cancelled') THEN
+        status := @extschema@.ep_rebuild_status(rebuild_id);  -- 42704 for a rebuild the caller may not see
+        IF status IN ('done', 'failed', 'cancelled') THEN
             RETURN;
         ELSIF pg_catalog.clock_timestamp() > deadline THEN
             RAISE EXCEPTION 'rebuild % did not finish within %', rebuild_id, timeout
@@ -126,3 +127,56 @@ BEGIN
 END $$;
 COMMENT ON PROCEDURE ep_rebuild_await(bigint, interval, text) IS
   'Like ep_rebuild_wait, but commits between polls, so that its snapshot never outlives one 50 ms poll (CALL it outside a transaction block).';
+
+-- A registered handler, a setup or new handler of an open rebuild, and a read-model schema cannot
+-- be dropped from under their projection: the DROP fails (2BP01) and says what to unregister.
+-- SECURITY DEFINER so that any role's DROP can read the registry; a pinned search_path.
+CREATE FUNCTION ep.guard_dependencies() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    d record;
+    used_by text;
+BEGIN
+    IF pg_catalog.to_regclass('ep.projections') IS NULL THEN
+        RETURN;  -- the extension itself is being dropped
+    END IF;
+    FOR d IN SELECT * FROM pg_catalog.pg_event_trigger_dropped_objects() LOOP
+        used_by := NULL;
+        IF d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass THEN
+            SELECT pg_catalog.string_agg(pg_catalog.quote_literal(n.name), ', ') INTO used_by FROM (
+                SELECT p.name FROM ep.projections p WHERE p.handler::oid = d.objid
+                UNION
+                SELECT r.projection FROM ep.rebuilds r
+                 WHERE r.status IN ('queued', 'running')
+                   AND (r.new_handler::oid = d.objid OR r.setup_function::oid = d.objid)) n;
+        ELSIF d.classid = 'pg_catalog.pg_namespace'::pg_catalog.regclass THEN
+            SELECT pg_catalog.string_agg(pg_catalog.quote_literal(p.name), ', ') INTO used_by
+              FROM ep.projections p WHERE p.read_model_schema = d.object_name;
+        END IF;
+        IF used_by IS NOT NULL THEN
+            RAISE EXCEPTION 'cannot drop % because projection % uses it', d.object_identity, used_by
+                USING ERRCODE = '2BP01',
+                      HINT = pg_catalog.format('SELECT ep_unregister_projection(%s) first (or cancel its rebuild).', used_by);
+        END IF;
+    END LOOP;
+END $$;
+CREATE EVENT TRIGGER ep_guard_dependencies ON sql_drop EXECUTE FUNCTION ep.guard_dependencies();
+
+-- After CREATE EXTENSION, PUBLIC may do nothing with the log or the registry: no EXECUTE on any
+-- of the extension's functions (PostgreSQL grants it to PUBLIC by default), no privilege on its
+-- tables or its schema. README.md, "Security", lists the GRANTs for writers, readers, projection
+-- owners and administrators.
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT d.objid::regprocedure FROM pg_catalog.pg_depend d
+              WHERE d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
+                AND d.refobjid = (SELECT e.oid FROM pg_catalog.pg_extension e WHERE e.extname = 'event_projections')
+                AND d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                AND d.deptype = 'e' LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', f);
+    END LOOP;
+END $$;

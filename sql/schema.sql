@@ -3,10 +3,10 @@
 -- schema (public by default) so they are callable unqualified.
 --
 -- Nobody but the extension owner may write these tables: the ep_* functions switch to the owner
--- for their own writes, and a guard trigger keeps the log append-only even for the owner.
+-- for their own writes and reads, and a guard trigger keeps the log append-only even for the
+-- owner. PUBLIC may do nothing here: README.md, "Security", says what to GRANT to whom.
 
 CREATE SCHEMA ep;
-GRANT USAGE ON SCHEMA ep TO PUBLIC;
 
 -- Global positions. CACHE 1 matters: the in-flight horizon (DESIGN.md, "The high-water mark")
 -- reads last_value and must see every position handed out.
@@ -113,6 +113,3 @@ SELECT pg_catalog.pg_extension_config_dump('ep.global_position_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.projection_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.rebuild_id_seq', '');
 
-GRANT SELECT ON ep.events, ep.streams, ep.projections, ep.rebuilds, ep.skipped_events TO PUBLIC;
--- The high-water mark reads the sequence's last value; a registration computes it as the caller.
-GRANT SELECT ON SEQUENCE ep.global_position_seq TO PUBLIC;

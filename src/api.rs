@@ -1,9 +1,10 @@
 //! The SQL entry points: argument mapping only. Each function hands its arguments to the module
 //! that owns the behaviour and raises that module's error with its SQLSTATE.
 
-use crate::error::OrRaise;
-use crate::types::{RawJsonb, RegProcedure};
-use crate::{log, registry};
+use crate::log;
+use crate::pg::error::OrRaise;
+use crate::pg::types::{RawJsonb, RegProcedure};
+use crate::registry;
 use pgrx::prelude::*;
 
 /// Appends one event; returns its global position.
@@ -53,9 +54,7 @@ mod ep {
 
     /// The guard of ep.events (statement level): see `log::guard`.
     #[pg_trigger]
-    fn events_guard<'a>(
-        t: &'a PgTrigger<'a>,
-    ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
+    fn events_guard<'a>(t: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
         let op = match t.op() {
             Ok(PgTriggerOperation::Insert) => "INSERT",
             Ok(PgTriggerOperation::Update) => "UPDATE",
@@ -73,7 +72,7 @@ mod ep {
     fn projections_changed<'a>(
         _t: &'a PgTrigger<'a>,
     ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
-        crate::inflight::bump_epoch_at_commit();
+        crate::handoff::inflight::bump_epoch_at_commit();
         Ok(None)
     }
 
@@ -128,6 +127,12 @@ fn ep_rebuild_wait(
     crate::rebuild::wait(rebuild_id, timeout).or_raise()
 }
 
+/// The status of a rebuild: 'queued', 'running', 'done', 'failed' or 'cancelled'.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_rebuild_status(rebuild_id: Option<i64>) -> String {
+    crate::rebuild::status(rebuild_id).or_raise()
+}
+
 /// Cancels the projection's queued or running rebuild; returns its id, or NULL when there was none.
 #[pg_extern(volatile, parallel_unsafe)]
 fn ep_cancel_rebuild(projection: Option<&str>) -> Option<i64> {
@@ -141,19 +146,19 @@ fn ep_wait_for(
     global_position: Option<i64>,
     timeout: default!(Option<pgrx::datum::Interval>, "'30 seconds'"),
 ) -> bool {
-    crate::delivery::wait_for(projection, global_position, timeout).or_raise()
+    crate::worker::delivery::wait_for(projection, global_position, timeout).or_raise()
 }
 
 /// Resumes a stopped async projection (retries its failing event now).
 #[pg_extern(volatile, parallel_unsafe)]
 fn ep_retry_projection(projection: Option<&str>) {
-    crate::delivery::retry(projection).or_raise()
+    crate::worker::delivery::retry(projection).or_raise()
 }
 
 /// Skips the event a stopped async projection is failing on, recorded in ep.skipped_events.
 #[pg_extern(volatile, parallel_unsafe)]
 fn ep_skip_event(projection: Option<&str>, global_position: Option<i64>) {
-    crate::delivery::skip(projection, global_position).or_raise()
+    crate::worker::delivery::skip(projection, global_position).or_raise()
 }
 
 /// True, or an error (55000) while the projection is not ready to be read; 40001 for a REPEATABLE
@@ -161,18 +166,18 @@ fn ep_skip_event(projection: Option<&str>, global_position: Option<i64>) {
 /// that reads the model: `SELECT ... FROM model WHERE ep_require_ready('p')`.
 #[pg_extern(stable, parallel_restricted)]
 fn ep_require_ready(projection: Option<&str>) -> bool {
-    crate::status::require_ready(projection).or_raise()
+    crate::registry::status::require_ready(projection).or_raise()
 }
 
 /// Whether the projection is ready to be read (its status is 'active').
 #[pg_extern(stable, parallel_restricted)]
 fn ep_projection_ready(projection: Option<&str>) -> bool {
-    crate::status::is_ready(projection).or_raise()
+    crate::registry::status::is_ready(projection).or_raise()
 }
 
 /// The backends of this database holding appended positions uncommitted, with the smallest
 /// position each holds: what async delivery and rebuild replays are waiting for.
 #[pg_extern(volatile, parallel_restricted)]
 fn ep_in_flight() -> TableIterator<'static, (name!(pid, i32), name!(global_position, i64))> {
-    TableIterator::new(crate::inflight::in_flight())
+    TableIterator::new(crate::handoff::inflight::in_flight())
 }

@@ -1,38 +1,32 @@
 //! event_projections: an event store in PostgreSQL whose read models can be trusted.
 //!
-//! Module map (DESIGN.md explains the protocol these implement):
-//! - `log`: appends and the append-only guard;
-//! - `registry`: projections, their registration hand-off and the views others read;
-//! - `handoff`: the advisory locks and the REPEATABLE READ check;
-//! - `inflight`: which positions are still uncommitted (shared memory) and worker wake-ups;
-//! - `handler`: running a handler as its owner with its search_path;
-//! - `replay`: applying a range of the log through a handler;
-//! - `highwater`: the position below which nothing is in flight;
+//! Module map, one folder per subsystem (DESIGN.md explains the protocol these implement).
+//! Dependencies point down this list: a module uses only those below it.
+//! - `api`: the SQL entry points (argument mapping only);
+//! - `worker`: the background processes that run rebuilds (`worker`) and async projections
+//!   (`worker::delivery`);
 //! - `rebuild`: the rebuild API and the steps of both strategies;
-//! - `delivery`: async projections;
-//! - `worker`: the background processes that run rebuilds and deliveries;
-//! - `status`: the fail-fast readiness check;
-//! - `catalog`, `spi`, `types`, `error`, `settings`, `backend`: plumbing.
+//! - `log`: appends (A1..A11) and the append-only guard;
+//! - `registry`: projections, their registration hand-off, the per-backend view of the registry
+//!   appends use, and the readiness checks (`registry::status`);
+//! - `sandbox`: running user code as its owner with a pinned path, call-time checks and the
+//!   worker's timeout (`sandbox`), calling handlers (`sandbox::handler`), applying a range of the
+//!   log through one (`sandbox::replay`);
+//! - `handoff`: the advisory locks and the REPEATABLE READ check (`handoff`), which positions are
+//!   still in flight in shared memory and the worker wake-ups (`handoff::inflight`), the
+//!   high-water mark (`handoff::highwater`);
+//! - `pg`: PostgreSQL plumbing: SPI, the catalog identity and privileged execution, settings,
+//!   errors, backend services, argument types.
 
 use pgrx::prelude::*;
 
 mod api;
-mod backend;
-mod catalog;
-mod delivery;
-mod error;
-mod handler;
 mod handoff;
-mod highwater;
-mod inflight;
 mod log;
+mod pg;
 mod rebuild;
 mod registry;
-mod replay;
-mod settings;
-mod spi;
-mod status;
-mod types;
+mod sandbox;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -43,10 +37,16 @@ extension_sql_file!("../sql/api.sql", name = "api", finalize);
 #[allow(non_snake_case)]
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // No Rust backtrace ever reaches a client, whatever RUST_BACKTRACE the server was started
+    // with: pgrx puts a captured backtrace into the DETAIL of a panic's error, and the standard
+    // library reads RUST_LIB_BACKTRACE (before RUST_BACKTRACE) once, at the first capture.
+    // SAFETY: _PG_init runs before any thread of ours exists and before the first capture.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    // SAFETY: a plain read of a flag PostgreSQL sets while it loads preloaded libraries.
     let preloaded = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
-    settings::define(preloaded);
+    pg::settings::define(preloaded);
     if preloaded {
-        inflight::install_hooks();
+        handoff::inflight::install_hooks();
         worker::register();
     }
 }

@@ -416,7 +416,11 @@ $f$;
 }
 
 /// Registers `<schema>.count_event` as inline projection `name` over every event type.
-pub fn register_counts(c: &mut impl GenericClient, name: &str, schema: &str) -> std::result::Result<(), postgres::Error> {
+pub fn register_counts(
+    c: &mut impl GenericClient,
+    name: &str,
+    schema: &str,
+) -> std::result::Result<(), postgres::Error> {
     let handler = format!("{schema}.count_event(ep.events)");
     c.execute(
         "SELECT ep_register_projection($1, $2::text::regprocedure, 'inline', NULL, $3)",
@@ -445,4 +449,117 @@ pub fn assert_counts_match_log(c: &mut impl GenericClient, schema: &str) -> Vec<
     let model = read_counts(c, schema);
     assert_matches_replay(&format!("read model {schema}.counts"), &model, &log, count);
     log
+}
+
+// ------------------------------------------------------------------------------------------------
+// Roles: the security suite connects as ordinary roles that hold exactly the grants README.md,
+// "Security", gives each kind of user.
+
+/// What a role may do with the extension (README.md, "Security").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grants {
+    /// Nothing at all: what PUBLIC has after CREATE EXTENSION.
+    Nothing,
+    /// Appends events.
+    Writer,
+    /// Reads the log.
+    Reader,
+    /// Registers and runs projections: also a writer and a reader.
+    ProjectionOwner,
+}
+
+impl Grants {
+    /// The statements, with `{r}` for the role, exactly as README.md lists them.
+    pub fn statements(self) -> &'static [&'static str] {
+        const WRITER: &[&str] = &[
+            "GRANT USAGE ON SCHEMA ep TO {r}",
+            "GRANT SELECT ON ep.streams TO {r}",
+            "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint), ep_append_events(text, jsonb, bigint), ep_stream_version(text) TO {r}",
+        ];
+        const READER: &[&str] = &[
+            "GRANT USAGE ON SCHEMA ep TO {r}",
+            "GRANT SELECT ON ep.events, ep.streams TO {r}",
+            "GRANT EXECUTE ON FUNCTION ep_read_stream(text, bigint, int), ep_read_all(bigint, int), ep_stream_version(text) TO {r}",
+        ];
+        const OWNER: &[&str] = &[
+            "GRANT USAGE ON SCHEMA ep TO {r}",
+            "GRANT SELECT ON ep.events, ep.streams, ep.projection_status TO {r}",
+            "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint), ep_append_events(text, jsonb, bigint), \
+             ep_stream_version(text), ep_read_stream(text, bigint, int), ep_read_all(bigint, int), \
+             ep_register_projection(text, regprocedure, text, text[], text), ep_unregister_projection(text), \
+             ep_rebuild(text, text, regprocedure, regprocedure), ep_rebuild_wait(bigint, interval), ep_rebuild_status(bigint), \
+             ep_cancel_rebuild(text), ep_retry_projection(text), ep_skip_event(text, bigint), \
+             ep_wait_for(text, bigint, interval), ep_require_ready(text), ep_projection_ready(text) TO {r}",
+            "GRANT EXECUTE ON PROCEDURE ep_rebuild_await(bigint, interval, text) TO {r}",
+        ];
+        match self {
+            Grants::Nothing => &[],
+            Grants::Writer => WRITER,
+            Grants::Reader => READER,
+            Grants::ProjectionOwner => OWNER,
+        }
+    }
+}
+
+/// An ordinary LOGIN role (no superuser, no CREATEROLE, no CREATEDB) that owns a schema of its own
+/// in `db`, with `grants`. Dropped (with everything it owns in `db`) when the value is dropped.
+pub struct Role {
+    pub name: String,
+    db: String,
+}
+
+impl Role {
+    /// `name` must be unique across the tests that run at once (roles are cluster-wide).
+    pub fn create(db: &str, name: &str, grants: Grants) -> Role {
+        let mut admin = connect(db);
+        drop_role(&mut admin, name);
+        let mut stmts = vec![format!("CREATE ROLE {name} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB")];
+        stmts.extend(grants.statements().iter().map(|s| s.replace("{r}", name)));
+        for sql in stmts {
+            admin.batch_execute(&sql).unwrap_or_else(|e| panic!("{sql}: {}", show(&e)));
+        }
+        Role { name: name.into(), db: db.into() }
+    }
+
+    /// A connection as this role.
+    pub fn connect(&self) -> Client {
+        let info = conninfo(&self.db).replace("user=postgres", &format!("user={}", self.name));
+        Client::connect(&info, NoTls).unwrap_or_else(|e| panic!("connecting as {}: {e}", self.name))
+    }
+
+    /// Whether the role is (now) a superuser.
+    pub fn is_superuser(&self) -> bool {
+        connect(&self.db)
+            .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&self.name])
+            .map(|r| r.get(0))
+            .unwrap_or(false)
+    }
+}
+
+fn drop_role(admin: &mut Client, name: &str) {
+    let exists: bool =
+        admin.query_one("SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)", &[&name]).unwrap().get(0);
+    if exists {
+        // Its projections first: what they use cannot be dropped from under them.
+        let _ = admin.batch_execute(&format!(
+            "DO $$ BEGIN IF to_regclass('ep.projections') IS NOT NULL THEN
+                 PERFORM ep_unregister_projection(p.name) FROM ep.projections p WHERE p.owner = '{name}'::regrole;
+             END IF; END $$"
+        ));
+        admin
+            .batch_execute(&format!("DROP OWNED BY {name} CASCADE"))
+            .unwrap_or_else(|e| panic!("DROP OWNED BY {name}: {}", show(&e)));
+        admin.batch_execute(&format!("DROP ROLE {name}")).unwrap_or_else(|e| panic!("DROP ROLE {name}: {}", show(&e)));
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = Client::connect(&conninfo(&self.db), NoTls) {
+            let _ = admin.batch_execute(&format!("ALTER ROLE {} NOSUPERUSER", self.name));
+            if !std::thread::panicking() {
+                drop_role(&mut admin, &self.name);
+            }
+        }
+    }
 }

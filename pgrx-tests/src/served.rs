@@ -35,7 +35,13 @@ impl Served {
              CREATE EXTENSION event_projections;",
         )
         .unwrap_or_else(|e| panic!("resetting the served database: {}", show(&e)));
-        settings(&mut c, &["ALTER SYSTEM RESET event_projections.max_attempts", "ALTER SYSTEM RESET event_projections.retry_backoff"]);
+        settings(
+            &mut c,
+            &[
+                "ALTER SYSTEM RESET event_projections.max_attempts",
+                "ALTER SYSTEM RESET event_projections.retry_backoff",
+            ],
+        );
         (Served { _turn: turn }, c)
     }
 
@@ -117,7 +123,8 @@ pub fn status(c: &mut Client, name: &str) -> String {
 }
 
 pub fn rebuild_status(c: &mut Client, id: i64) -> (String, String, i64) {
-    let r = c.query_one("SELECT status, phase, events_done FROM ep.rebuilds WHERE id = $1", &[&id]).expect("rebuild row");
+    let r =
+        c.query_one("SELECT status, phase, events_done FROM ep.rebuilds WHERE id = $1", &[&id]).expect("rebuild row");
     (r.get(0), r.get(1), r.get(2))
 }
 
@@ -155,12 +162,12 @@ impl Drop for StopOnDrop<'_> {
 /// A small deterministic generator (the schedule is replayable from EP_SEED).
 pub struct Lcg(pub u64);
 impl Lcg {
+    #[allow(clippy::should_implement_trait)] // a generator of its own, not an Iterator
     pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         self.0 >> 33
     }
 }
-
 
 /// Runs `scripts/cluster.sh` with the test cluster's settings (EP_PORT, EP_DATA from the environment).
 pub fn cluster(args: &[&str]) {

@@ -48,7 +48,11 @@ fn assert_picky_matches_log(c: &mut Client) -> Vec<Event> {
 /// message kept.
 fn assert_handler_error<T: std::fmt::Debug>(r: std::result::Result<T, postgres::Error>, what: &str) {
     let err = expect_sqlstate(r, &SqlState::RAISE_EXCEPTION, what);
-    assert!(err.message().contains("projection \"picky\""), "{what}: the message names the projection: {}", err.message());
+    assert!(
+        err.message().contains("projection \"picky\""),
+        "{what}: the message names the projection: {}",
+        err.message()
+    );
     assert!(err.message().contains("poisoned event"), "{what}: the handler's message is kept: {}", err.message());
 }
 
@@ -65,7 +69,8 @@ fn handler_error_aborts_append() {
     assert_handler_error(append(&mut c, "fresh", "Poison", &json!({}), Some(0)), "ep_append on a new stream");
     // A batch with the poison in the middle: the events before it were inserted and handled
     // already within the call; all of them must be gone.
-    let batch = [("Good", json!({"n": 2})), ("Good", json!({"n": 3})), ("Poison", json!({})), ("Good", json!({"n": 4}))];
+    let batch =
+        [("Good", json!({"n": 2})), ("Good", json!({"n": 3})), ("Poison", json!({})), ("Good", json!({"n": 4}))];
     assert_handler_error(append_events(&mut c, "s1", &batch, Some(1)), "ep_append_events on s1");
     assert_handler_error(append_events(&mut c, "fresh", &batch, None), "ep_append_events on a new stream");
 

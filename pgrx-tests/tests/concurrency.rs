@@ -60,7 +60,11 @@ fn one_stream_expected_versions() {
     }
 
     // The error a loser sees, deterministically.
-    let err = expect_sqlstate(append(&mut c, "s", "T", &json!({}), Some(0)), &SqlState::T_R_SERIALIZATION_FAILURE, "stale append");
+    let err = expect_sqlstate(
+        append(&mut c, "s", "T", &json!({}), Some(0)),
+        &SqlState::T_R_SERIALIZATION_FAILURE,
+        "stale append",
+    );
     assert_eq!(err.message(), format!("wrong expected version for stream \"s\": expected 0, actual {TARGET}"));
     assert_eq!(check_log(&mut c).len() as i64, TARGET);
 }
@@ -124,10 +128,8 @@ fn stream_name(rng: &mut StdRng) -> String {
 /// stream, each call's events contiguous in its stream and in order, the returned position that of
 /// the call's last event; no aborted event is there; nothing else is there.
 fn check_written(log: &[Event], written: &[Written]) {
-    let by_id: BTreeMap<(u64, u64), &Event> = log
-        .iter()
-        .map(|e| ((e.data["w"].as_u64().unwrap(), e.data["k"].as_u64().unwrap()), e))
-        .collect();
+    let by_id: BTreeMap<(u64, u64), &Event> =
+        log.iter().map(|e| ((e.data["w"].as_u64().unwrap(), e.data["k"].as_u64().unwrap()), e)).collect();
     assert_eq!(by_id.len(), log.len(), "an event id appears twice in the log");
     let committed: usize = written.iter().map(|w| w.committed.len()).sum();
     assert_eq!(log.len(), committed, "the log holds exactly the committed events");
@@ -146,7 +148,11 @@ fn check_written(log: &[Event], written: &[Written]) {
                 assert!(pair[1].global_position > pair[0].global_position);
             }
             assert_eq!(events[0].stream_id, call.stream);
-            assert_eq!(events.last().unwrap().global_position, call.returned, "the returned position is the last event's");
+            assert_eq!(
+                events.last().unwrap().global_position,
+                call.returned,
+                "the returned position is the last event's"
+            );
         }
     }
 }

@@ -188,9 +188,19 @@ fn without_the_preload_the_worker_calls_say_how_to_enable_it() {
             "ep_rebuild without the preload",
         );
         assert!(err.hint().unwrap_or_default().contains("shared_preload_libraries"), "{:?}", err.hint());
-        c.batch_execute("CREATE SCHEMA w_np2; CREATE TABLE w_np2.counts (stream_id text, n bigint, last_position bigint);").unwrap();
-        let r = c.execute("SELECT ep_register_projection('np2', 'w_np.count_event(ep.events)', 'async', NULL, 'w_np2')", &[]);
-        expect_sqlstate(r, &ep_connection_tests::postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "async without the preload");
+        c.batch_execute(
+            "CREATE SCHEMA w_np2; CREATE TABLE w_np2.counts (stream_id text, n bigint, last_position bigint);",
+        )
+        .unwrap();
+        let r = c.execute(
+            "SELECT ep_register_projection('np2', 'w_np.count_event(ep.events)', 'async', NULL, 'w_np2')",
+            &[],
+        );
+        expect_sqlstate(
+            r,
+            &ep_connection_tests::postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "async without the preload",
+        );
     });
     let mut c = reconnect();
     c.batch_execute("ALTER SYSTEM RESET shared_preload_libraries").unwrap();

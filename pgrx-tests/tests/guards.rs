@@ -14,7 +14,11 @@ fn prepared(c: &mut Client, gid: &str) -> bool {
 fn assert_prepare_refused(c: &mut Client, work: &str, gid: &str) {
     c.batch_execute("BEGIN").unwrap();
     c.batch_execute(work).unwrap_or_else(|e| panic!("{work}: {}", show(&e)));
-    let err = expect_sqlstate(c.batch_execute(&format!("PREPARE TRANSACTION '{gid}'")), &SqlState::FEATURE_NOT_SUPPORTED, work);
+    let err = expect_sqlstate(
+        c.batch_execute(&format!("PREPARE TRANSACTION '{gid}'")),
+        &SqlState::FEATURE_NOT_SUPPORTED,
+        work,
+    );
     assert!(err.message().starts_with("cannot PREPARE"), "{}", err.message());
     assert!(!prepared(c, gid), "{work}: the transaction was prepared anyway");
     assert!(c.is_closed() || c.simple_query("SELECT 1").is_ok(), "the session is usable after the refusal");
@@ -28,7 +32,11 @@ fn prepare_transaction_refused() {
 
     assert_prepare_refused(&mut c, "SELECT ep_append('p', 'T', '{}')", "ep_ctest_append");
     assert_prepare_refused(&mut c, r#"SELECT ep_append_events('p', '[{"type": "T", "data": {}}]')"#, "ep_ctest_batch");
-    assert_prepare_refused(&mut c, "SELECT ep_register_projection('counts', 'rm.count_event(ep.events)', 'inline', NULL, 'rm')", "ep_ctest_register");
+    assert_prepare_refused(
+        &mut c,
+        "SELECT ep_register_projection('counts', 'rm.count_event(ep.events)', 'inline', NULL, 'rm')",
+        "ep_ctest_register",
+    );
     assert!(check_log(&mut c).is_empty(), "a refused PREPARE must roll the appends back");
     let projections: i64 = c.query_one("SELECT count(*) FROM ep.projections", &[]).unwrap().get(0);
     assert_eq!(projections, 0);
@@ -54,7 +62,8 @@ fn prepare_transaction_refused() {
 fn events_are_append_only() {
     let db = TestDb::new("append_only");
     let mut c = db.connect();
-    let superuser: bool = c.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = current_user", &[]).unwrap().get(0);
+    let superuser: bool =
+        c.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = current_user", &[]).unwrap().get(0);
     assert!(superuser, "this test is about what even a superuser cannot do");
     for i in 0..3 {
         append(&mut c, "s", "T", &json!({"i": i}), None).unwrap();
@@ -93,8 +102,13 @@ $f$;
 "#,
     )
     .unwrap();
-    c.batch_execute("SELECT ep_register_projection('sneaky', 'sneaky.apply(ep.events)', 'inline', ARRAY['Sneak'])").unwrap();
-    let err = expect_sqlstate(append(&mut c, "s", "Sneak", &json!({}), None), &SqlState::FEATURE_NOT_SUPPORTED, "UPDATE in a handler");
+    c.batch_execute("SELECT ep_register_projection('sneaky', 'sneaky.apply(ep.events)', 'inline', ARRAY['Sneak'])")
+        .unwrap();
+    let err = expect_sqlstate(
+        append(&mut c, "s", "Sneak", &json!({}), None),
+        &SqlState::FEATURE_NOT_SUPPORTED,
+        "UPDATE in a handler",
+    );
     assert!(err.message().contains("projection \"sneaky\""), "{}", err.message());
     assert_eq!(check_log(&mut c), before);
 }

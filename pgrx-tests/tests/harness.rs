@@ -64,9 +64,13 @@ fn checks_catch_broken_logs_and_models() {
     tamper(&mut c, "UPDATE ep.streams SET version = 2 WHERE stream_id = 's1'");
     check_log(&mut c);
     tamper(&mut c, "UPDATE ep.events SET global_position = 100 WHERE stream_id = 's1' AND stream_position = 1");
-    assert_fails("stream order", "stream \"s1\": after 0 events in global order, the next has stream position 2", || {
-        check_log(&mut c);
-    });
+    assert_fails(
+        "stream order",
+        "stream \"s1\": after 0 events in global order, the next has stream position 2",
+        || {
+            check_log(&mut c);
+        },
+    );
 }
 
 #[test]

@@ -65,7 +65,8 @@ fn registration_during_appends() {
             std::thread::sleep(Duration::from_millis(1));
             let stream = format!("s{}", rng.random_range(0..20));
             let r = if rng.random_bool(0.3) {
-                let batch: Vec<_> = (0..rng.random_range(2..=4)).map(|k| ("Batched", json!({"w": i, "k": k}))).collect();
+                let batch: Vec<_> =
+                    (0..rng.random_range(2..=4)).map(|k| ("Batched", json!({"w": i, "k": k}))).collect();
                 append_events(c, &stream, &batch, None)
             } else {
                 append(c, &stream, "Single", &json!({"w": i}), None)
@@ -80,7 +81,10 @@ fn registration_during_appends() {
     let last = log.last().unwrap().global_position;
     eprintln!("registration under load: {} events; registrations committed at positions {marks:?}", log.len());
     // The registrations really happened among the appends, not before or after them.
-    assert!(marks[0] > 300 && marks.windows(2).all(|w| w[1] > w[0]) && last > marks[2], "no appends between registrations");
+    assert!(
+        marks[0] > 300 && marks.windows(2).all(|w| w[1] > w[0]) && last > marks[2],
+        "no appends between registrations"
+    );
     for schema in SCHEMAS {
         let model = read_counts(&mut c, schema);
         assert_matches_replay(&format!("projection {schema}"), &model, &log, count);
@@ -118,7 +122,8 @@ fn registration_waits_for_open_append() {
             return r.map_err(|e| show(&e).into());
         }
         // A.
-        let opened = conn.batch_execute("BEGIN").and_then(|_| append(conn, "hand", "T", &json!({"by": "A", "n": 1}), None));
+        let opened =
+            conn.batch_execute("BEGIN").and_then(|_| append(conn, "hand", "T", &json!({"by": "A", "n": 1}), None));
         a_is_open.wait();
         opened?;
         let pid = *b_pid.get().ok_or("B has no pid")?;
@@ -128,13 +133,17 @@ fn registration_waits_for_open_append() {
             let row = observer.query_one(
                 "SELECT (SELECT wait_event_type = 'Lock' AND wait_event = 'advisory' FROM pg_stat_activity WHERE pid = $1), \
                         EXISTS (SELECT FROM pg_locks WHERE pid = $1 AND locktype = 'advisory' AND NOT granted \
-                                AND classid = $2::bigint::oid AND objid = 0 AND objsubid = 2 AND mode = 'ExclusiveLock')",
+                                AND classid = $2::bigint::oid AND objid = 0 AND objsubid = 17744 AND mode = 'ExclusiveLock')",
                 &[&pid, &0x4550_0001_i64],
             )?;
             Ok(row.get::<_, Option<bool>>(0) == Some(true) && row.get::<_, bool>(1))
         })?;
         if !waiting {
-            return Err(format!("B (pid {pid}) is not waiting for the registry lock; finished: {}", b_done.load(Ordering::SeqCst)).into());
+            return Err(format!(
+                "B (pid {pid}) is not waiting for the registry lock; finished: {}",
+                b_done.load(Ordering::SeqCst)
+            )
+            .into());
         }
         // A is still free to append while B waits, and B stays blocked until A ends.
         append(conn, "hand", "T", &json!({"by": "A", "n": 2}), None)?;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 /// 2. an append inserts event E, reads the projection as `rebuilding` and skips it, and stays open;
 /// 3. the rebuild is let go: it reaches its final catch-up and the flip to active;
 /// 4. the append commits.
+///
 /// In the published design the rebuild flips to active before E commits and E is never applied.
 /// Here the hand-off waits for the append (it holds the projection lock SHARED), so E is in.
 #[test]
@@ -113,7 +114,8 @@ fn a_snapshot_older_than_a_hand_off_gets_a_serialization_failure() {
         let id = rebuild(&mut c, "rr", "in_place");
         assert_eq!(rebuild_wait(&mut c, id), "done");
         let r = t.query_one("SELECT ep_append('s0', 'T', '{}')", &[]);
-        let err = expect_sqlstate(r, &SqlState::T_R_SERIALIZATION_FAILURE, &format!("{level:?} append across a hand-off"));
+        let err =
+            expect_sqlstate(r, &SqlState::T_R_SERIALIZATION_FAILURE, &format!("{level:?} append across a hand-off"));
         assert!(err.message().contains("\"rr\""), "{}", err.message());
         drop(t);
         // The retry, with a new snapshot, goes through.
@@ -203,7 +205,7 @@ fn rebuilds_and_registration_under_concurrent_writers() {
                         let stream = format!("s{}", rng.next() % 16);
                         let n = 1 + rng.next() % 3;
                         let hold = Duration::from_micros(rng.next() % 3000);
-                        let rollback = rng.next() % 10 == 0;
+                        let rollback = rng.next().is_multiple_of(10);
                         let mut t = conn.build_transaction().isolation_level(level).start().expect("begin");
                         let r = (|| -> std::result::Result<(), ep_connection_tests::postgres::Error> {
                             for _ in 0..n {
@@ -298,7 +300,10 @@ fn a_failing_async_handler_stops_and_resumes() {
     let (_served, mut c) = Served::fresh();
     settings(
         &mut c,
-        &["ALTER SYSTEM SET event_projections.max_attempts = 3", "ALTER SYSTEM SET event_projections.retry_backoff = '20ms'"],
+        &[
+            "ALTER SYSTEM SET event_projections.max_attempts = 3",
+            "ALTER SYSTEM SET event_projections.retry_backoff = '20ms'",
+        ],
     );
     std::thread::sleep(Duration::from_millis(300));
     c.batch_execute(
@@ -325,7 +330,10 @@ fn a_failing_async_handler_stops_and_resumes() {
         "the projection did not stop after max_attempts"
     );
     let row = c
-        .query_one("SELECT attempts, failing_position, last_error, position FROM ep.projection_status WHERE name = 'picky'", &[])
+        .query_one(
+            "SELECT attempts, failing_position, last_error, position FROM ep.projection_status WHERE name = 'picky'",
+            &[],
+        )
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), 3);
     assert_eq!(row.get::<_, Option<i64>>(1), Some(poison));
@@ -340,16 +348,12 @@ fn a_failing_async_handler_stops_and_resumes() {
     expect_sqlstate(r, &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "skipping an event that is not failing");
     c.execute("SELECT ep_skip_event('picky', $1)", &[&poison]).unwrap();
     assert!(wait_for(&mut c, "picky", after, "10 s"));
-    let skipped: i64 = c.query_one("SELECT count(*) FROM ep.skipped_events WHERE projection = 'picky'", &[]).unwrap().get(0);
+    let skipped: i64 =
+        c.query_one("SELECT count(*) FROM ep.skipped_events WHERE projection = 'picky'", &[]).unwrap().get(0);
     assert_eq!(skipped, 1);
-    let expected: Vec<i64> =
-        read_log(&mut c).iter().map(|e| e.global_position).filter(|p| *p != poison).collect();
-    let seen: Vec<i64> = c
-        .query("SELECT global_position FROM w_fail.seen ORDER BY 1", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let expected: Vec<i64> = read_log(&mut c).iter().map(|e| e.global_position).filter(|p| *p != poison).collect();
+    let seen: Vec<i64> =
+        c.query("SELECT global_position FROM w_fail.seen ORDER BY 1", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(seen, expected, "every event but the skipped one, each once");
 
     // Retry after a fix: a second poison event goes through once cured.
@@ -389,7 +393,7 @@ fn async_projections_equal_a_replay_after_concurrent_writers() {
                     conn.batch_execute("BEGIN").unwrap();
                     conn.query_one("SELECT ep_append($1, 'T', '{}')", &[&stream]).unwrap();
                     std::thread::sleep(Duration::from_micros(rng.next() % 2000));
-                    conn.batch_execute(if rng.next() % 8 == 0 { "ROLLBACK" } else { "COMMIT" }).unwrap();
+                    conn.batch_execute(if rng.next().is_multiple_of(8) { "ROLLBACK" } else { "COMMIT" }).unwrap();
                 }
             });
         }
@@ -466,10 +470,12 @@ fn async_projections_progress_concurrently_one_owner_each() {
 #[test]
 fn worker_handlers_run_as_the_owner() {
     let (_served, mut c) = Served::fresh();
+    c.batch_execute("DROP ROLE IF EXISTS w_mallory; CREATE ROLE w_mallory").unwrap();
+    for grant in Grants::ProjectionOwner.statements() {
+        c.batch_execute(&grant.replace("{r}", "w_mallory")).unwrap();
+    }
     c.batch_execute(
-        "DROP ROLE IF EXISTS w_mallory;
-         CREATE ROLE w_mallory;
-         CREATE SCHEMA w_evil AUTHORIZATION w_mallory;
+        "CREATE SCHEMA w_evil AUTHORIZATION w_mallory;
          SET ROLE w_mallory;
          CREATE TABLE w_evil.seen (who name);
          CREATE FUNCTION w_evil.h(e ep.events) RETURNS void LANGUAGE plpgsql AS $$
@@ -497,7 +503,8 @@ fn worker_handlers_run_as_the_owner() {
     );
     let sup: bool = c.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'w_mallory'", &[]).unwrap().get(0);
     assert!(!sup, "an ordinary role became superuser through a worker handler");
-    c.batch_execute("SELECT ep_unregister_projection('evil'); DROP SCHEMA w_evil CASCADE; DROP ROLE w_mallory;").unwrap();
+    c.batch_execute("SELECT ep_unregister_projection('evil'); DROP OWNED BY w_mallory CASCADE; DROP ROLE w_mallory;")
+        .unwrap();
 }
 
 /// ep_rebuild without the preload (or for another database) says how to fix it; the worker shows
@@ -605,7 +612,11 @@ fn waiting_for_a_rebuild_refuses_the_queuing_transaction_and_await_does_not_pin_
     let id: i64 = t.query_one("SELECT ep_rebuild('waited')", &[]).unwrap().get(0);
     let started = Instant::now();
     let r = t.query_one("SELECT ep_rebuild_wait($1, '30 s')", &[&id]);
-    expect_sqlstate(r, &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "waiting in the transaction that queued the rebuild");
+    expect_sqlstate(
+        r,
+        &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+        "waiting in the transaction that queued the rebuild",
+    );
     assert!(started.elapsed() < Duration::from_secs(5), "refused only after {:?}", started.elapsed());
     t.rollback().unwrap();
 
@@ -630,7 +641,10 @@ fn waiting_for_a_rebuild_refuses_the_queuing_transaction_and_await_does_not_pin_
                     .unwrap()
                     .get(0)
             };
-            assert!(wait_until(Duration::from_secs(10), || Ok(xmin(&mut c).is_some())).unwrap(), "the waiter never started");
+            assert!(
+                wait_until(Duration::from_secs(10), || Ok(xmin(&mut c).is_some())).unwrap(),
+                "the waiter never started"
+            );
             let first = xmin(&mut c);
             for i in 0..20 {
                 append(&mut c, "elsewhere", "Other", &json!({ "i": i }), None).unwrap();

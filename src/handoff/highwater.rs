@@ -1,8 +1,8 @@
 //! The high-water mark of the log (DESIGN.md, section 4): the largest position up to which every
 //! event is either visible to a snapshot taken after this call or never going to exist.
 
-use crate::spi::{self, Snap, Stmt};
-use crate::inflight::{self, Horizon};
+use crate::handoff::inflight::{self, Horizon};
+use crate::pg::spi::{self, Snap, Stmt};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -11,13 +11,11 @@ use pgrx::prelude::*;
 /// so this reads the current value whatever the snapshot. Under a hand-off lock it bounds the
 /// catch-up: positions handed out later belong to appends that will apply their own events.
 pub fn last_value() -> i64 {
-    Spi::connect(|_| spi::exec(&LAST_VALUE, &[], Snap::Fresh, 0).get(0, 1).unwrap_or(0))
+    crate::pg::catalog::read(|| Spi::connect(|_| spi::exec(&LAST_VALUE, &[], Snap::Fresh, 0).get(0, 1).unwrap_or(0)))
 }
 
-static LAST_VALUE: Stmt = Stmt {
-    sql: "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM ep.global_position_seq",
-    types: &[],
-};
+static LAST_VALUE: Stmt =
+    Stmt { sql: "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM ep.global_position_seq", types: &[] };
 
 /// H1..H3. Waits (briefly, a backend is between two instructions) while a slot is PENDING. The
 /// caller must read the events with a snapshot taken after this returns (H4): at READ COMMITTED,
@@ -27,6 +25,7 @@ pub fn compute() -> i64 {
         let l = last_value();
         match inflight::horizon(l) {
             Horizon::UpTo(hw) => return hw,
+            // SAFETY: a sleep and an interrupt check in a backend, outside any critical section.
             Horizon::Unsettled => unsafe {
                 pg_sys::pg_usleep(100);
                 pgrx::check_for_interrupts!();

@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 /// smallest one it took". A reader that sees it must not advance.
 const PENDING: u64 = u64::MAX;
 
-/// Upper bound on `event_projections.workers`.
-pub const MAX_WORKERS: usize = 16;
+use crate::pg::error::SqlError;
+use crate::pg::settings::{self, MAX_WORKERS};
 
 #[repr(C)]
 struct Slot {
@@ -34,6 +34,9 @@ struct WorkerSlot {
     /// Whether the worker has async projections or rebuilds to run: commits wake only those
     /// workers (a wake-up is a signal, and appends without async projections should not pay it).
     wants_wakeups: AtomicU32,
+    /// 1 + the id of the projection whose user code this worker ran past the handler timeout and
+    /// grace, noted just before the process ended; read back by the restarted worker.
+    timed_out: AtomicU32,
 }
 
 #[repr(C)]
@@ -46,17 +49,49 @@ struct Shared {
     slots: [Slot; 0],
 }
 
-static mut SHARED: *mut Shared = std::ptr::null_mut();
+/// The shared block, set once by the shmem startup hook (in the postmaster, inherited by fork).
+static SHARED: std::sync::atomic::AtomicPtr<Shared> = std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+// The hooks that were installed before ours, called first. Written once, in _PG_init, while the
+// postmaster loads preloaded libraries (single-threaded), and only read afterwards.
 static mut PREV_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
 static mut PREV_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
 
-/// True in this backend between taking positions and the end of its transaction.
-static mut HOLDING: bool = false;
-static mut CALLBACK_REGISTERED: bool = false;
-/// True when this transaction changed the registry or handed a projection off.
-static mut BUMP_AT_COMMIT: bool = false;
-/// True when this transaction appended an event some async projection receives.
-static mut WAKE_AT_COMMIT: bool = false;
+use std::cell::Cell;
+
+thread_local! {
+    /// True in this backend between taking positions and the end of its transaction.
+    static HOLDING: Cell<bool> = const { Cell::new(false) };
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    /// True when this transaction changed the registry or handed a projection off.
+    static BUMP_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
+    /// True when this transaction appended an event some async projection receives.
+    static WAKE_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
+}
+
+fn get(flag: &'static std::thread::LocalKey<Cell<bool>>) -> bool {
+    flag.with(Cell::get)
+}
+
+fn set(flag: &'static std::thread::LocalKey<Cell<bool>>, v: bool) {
+    flag.with(|c| c.set(v));
+}
+
+/// Takes (reads and clears) a flag.
+fn take(flag: &'static std::thread::LocalKey<Cell<bool>>) -> bool {
+    flag.with(|c| c.replace(false))
+}
+
+/// This backend's database.
+fn my_database() -> u32 {
+    // SAFETY: a plain read of a global PostgreSQL sets once, at connection.
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+/// This backend's index into the PGPROC array.
+fn my_procno() -> usize {
+    // SAFETY: MyProc is set for every backend and worker that runs our code.
+    unsafe { (*pg_sys::MyProc).pgprocno as usize }
+}
 
 fn shared_size(nslots: usize) -> usize {
     std::mem::size_of::<Shared>() + nslots * std::mem::size_of::<Slot>()
@@ -65,11 +100,13 @@ fn shared_size(nslots: usize) -> usize {
 fn slot_count() -> usize {
     // Regular backends, autovacuum, background workers and WAL senders all have pgprocno below
     // MaxBackends; auxiliary processes and prepared-transaction dummies never append.
+    // SAFETY: a plain read of a global set before shared memory is sized.
     unsafe { pg_sys::MaxBackends as usize }
 }
 
 /// Called from `_PG_init` when loaded through shared_preload_libraries.
 pub fn install_hooks() {
+    // SAFETY: _PG_init during shared_preload_libraries: single-threaded, before any hook runs.
     unsafe {
         PREV_REQUEST_HOOK = pg_sys::shmem_request_hook;
         pg_sys::shmem_request_hook = Some(on_shmem_request);
@@ -80,6 +117,7 @@ pub fn install_hooks() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_shmem_request() {
+    // SAFETY: called by the postmaster once; the previous hook was saved by install_hooks.
     unsafe {
         if let Some(prev) = PREV_REQUEST_HOOK {
             prev();
@@ -90,6 +128,9 @@ unsafe extern "C-unwind" fn on_shmem_request() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_shmem_startup() {
+    // SAFETY: called once per (re)initialisation of shared memory, under AddinShmemInitLock as
+    // PostgreSQL requires; the block is sized by on_shmem_request for slot_count() slots, and
+    // zeroed memory is a valid state of every atomic in it.
     unsafe {
         if let Some(prev) = PREV_STARTUP_HOOK {
             prev();
@@ -99,66 +140,67 @@ unsafe extern "C-unwind" fn on_shmem_startup() {
         // AddinShmemInitLock is slot 21 of the main LWLock array (lwlocknames.txt).
         let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let ptr = pg_sys::ShmemInitStruct(c"event_projections".as_ptr(), shared_size(n), &mut found)
-            as *mut Shared;
+        let ptr = pg_sys::ShmemInitStruct(c"event_projections".as_ptr(), shared_size(n), &mut found) as *mut Shared;
         if !found {
             // Zeroed memory is a valid state for every atomic: no slot holds a position.
             std::ptr::write_bytes(ptr as *mut u8, 0, shared_size(n));
             (*ptr).nslots = n as u32;
         }
-        SHARED = ptr;
+        SHARED.store(ptr, Ordering::SeqCst);
         pg_sys::LWLockRelease(init_lock);
     }
 }
 
 /// Whether the shared block exists, i.e. the library was preloaded.
 pub fn available() -> bool {
-    unsafe { !SHARED.is_null() }
+    !SHARED.load(Ordering::Relaxed).is_null()
 }
 
 fn shared() -> Option<&'static Shared> {
-    unsafe { SHARED.as_ref() }
+    // SAFETY: the pointer is null or the shared block, which lives as long as the process.
+    unsafe { SHARED.load(Ordering::Relaxed).as_ref() }
 }
 
 fn my_slot() -> Option<&'static Slot> {
     let sh = shared()?;
-    let procno = unsafe { (*pg_sys::MyProc).pgprocno } as usize;
+    let procno = my_procno();
     if procno >= sh.nslots as usize {
         return None;
     }
+    // SAFETY: the block holds nslots slots after its header (on_shmem_request sized it so).
     unsafe { Some(&*(sh.slots.as_ptr().add(procno))) }
 }
 
 fn slots() -> &'static [Slot] {
     match shared() {
+        // SAFETY: as in my_slot: nslots slots follow the header, for the life of the process.
         Some(sh) => unsafe { std::slice::from_raw_parts(sh.slots.as_ptr(), sh.nslots as usize) },
         None => &[],
     }
 }
 
 fn ensure_callback() {
-    unsafe {
-        if !CALLBACK_REGISTERED {
-            pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
-            CALLBACK_REGISTERED = true;
-        }
+    if !get(&CALLBACK_REGISTERED) {
+        // SAFETY: registers a callback with static lifetime, once per backend.
+        unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+        set(&CALLBACK_REGISTERED, true);
     }
 }
 
 /// Whether this backend's transaction has taken positions (and so must not be prepared).
 #[cfg(any(test, feature = "pg_test"))]
 pub fn holding() -> bool {
-    unsafe { HOLDING }
+    get(&HOLDING)
 }
 
 /// A8, first half: announce that positions are about to be taken. Keeps an earlier, smaller
 /// position of the same transaction if there is one.
 pub fn begin_allocation() {
     ensure_callback();
-    unsafe { HOLDING = true };
+    set(&HOLDING, true);
     let Some(slot) = my_slot() else { return };
     if slot.min_position.load(Ordering::SeqCst) == 0 {
-        slot.database.store(unsafe { pg_sys::MyDatabaseId }.to_u32(), Ordering::SeqCst);
+        slot.database.store(my_database(), Ordering::SeqCst);
         slot.min_position.store(PENDING, Ordering::SeqCst);
     }
 }
@@ -167,7 +209,7 @@ pub fn begin_allocation() {
 /// receives.
 pub fn wake_at_commit() {
     ensure_callback();
-    unsafe { WAKE_AT_COMMIT = true };
+    set(&WAKE_AT_COMMIT, true);
 }
 
 /// A8, second half: the smallest position this call took.
@@ -185,6 +227,7 @@ fn release_slot() {
 }
 
 /// The result of scanning the slots (H2).
+#[derive(Debug, PartialEq, Eq)]
 pub enum Horizon {
     /// Some backend is between PENDING and knowing its position: try again in a moment.
     Unsettled,
@@ -195,12 +238,20 @@ pub enum Horizon {
 /// H2..H3: `last_value` must have been read (H1) before this call, and the events must be read
 /// with a snapshot taken after it (H4).
 pub fn horizon(last_value: i64) -> Horizon {
-    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let db = my_database();
+    // min_position first: its store follows the database store in the appender.
+    horizon_of(
+        last_value,
+        db,
+        slots().iter().map(|s| (s.min_position.load(Ordering::SeqCst), s.database.load(Ordering::SeqCst))),
+    )
+}
+
+/// H2..H3 over slot states `(min_position, database)`: the pure part of `horizon`.
+pub fn horizon_of(last_value: i64, db: u32, slots: impl Iterator<Item = (u64, u32)>) -> Horizon {
     let mut hw = last_value;
-    for slot in slots() {
-        // min_position first: its store follows the database store in the appender.
-        let min = slot.min_position.load(Ordering::SeqCst);
-        if min == 0 || slot.database.load(Ordering::SeqCst) != db {
+    for (min, database) in slots {
+        if min == 0 || database != db {
             continue;
         }
         if min == PENDING {
@@ -214,7 +265,7 @@ pub fn horizon(last_value: i64) -> Horizon {
 /// (pid, smallest position) of every backend of this database holding positions uncommitted:
 /// what holds async delivery and rebuild replays back (`ep_in_flight()`).
 pub fn in_flight() -> Vec<(i32, i64)> {
-    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let db = my_database();
     slots()
         .iter()
         .enumerate()
@@ -223,6 +274,7 @@ pub fn in_flight() -> Vec<(i32, i64)> {
             if min == 0 || min == PENDING || s.database.load(Ordering::SeqCst) != db {
                 return None;
             }
+            // SAFETY: procno < nslots <= the size of the PGPROC array.
             let pid = unsafe { (*(*pg_sys::ProcGlobal).allProcs.add(procno)).pid };
             Some((pid, min as i64))
         })
@@ -240,9 +292,14 @@ pub fn registry_epoch() -> u64 {
 /// the commit is visible, before its locks are released).
 pub fn bump_epoch_at_commit() {
     ensure_callback();
-    unsafe { BUMP_AT_COMMIT = true };
-    // This backend's own view must not survive its own change (the epoch moves only at commit).
-    crate::registry::forget_inline_view();
+    set(&BUMP_AT_COMMIT, true);
+}
+
+/// Whether this transaction has changed the registry (at any subtransaction level, rolled back to
+/// a savepoint or not): until it ends, this backend's view of the registry is not the committed
+/// one, and the epoch cannot say so.
+pub fn registry_changed_here() -> bool {
+    get(&BUMP_AT_COMMIT)
 }
 
 fn bump_registry_epoch() {
@@ -251,13 +308,79 @@ fn bump_registry_epoch() {
     }
 }
 
+/// This process's worker index (-1: not a worker) and the projection it works on (0: none), for
+/// `note_timed_out`, which runs in a signal handler and can only read atomics.
+static WORKER_INDEX: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+static WORKING_ON: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The worker says which projection's step it is running (0 when none).
+pub fn working_on(id: i32) {
+    WORKING_ON.store(id, Ordering::SeqCst);
+}
+
+/// Signal context, just before the worker ends itself over runaway user code: remember for the
+/// restarted worker which projection did it.
+pub fn note_timed_out() {
+    let (index, id) = (WORKER_INDEX.load(Ordering::SeqCst), WORKING_ON.load(Ordering::SeqCst));
+    if let (Some(sh), Ok(index)) = (shared(), usize::try_from(index)) {
+        if index < MAX_WORKERS && id > 0 {
+            sh.workers[index].timed_out.store(id as u32 + 1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The projection whose user code ended this worker's previous process, if any (and forgets it).
+pub fn take_timed_out(index: usize) -> Option<i32> {
+    let sh = shared()?;
+    let v = sh.workers.get(index)?.timed_out.swap(0, Ordering::SeqCst);
+    (v > 0).then(|| (v - 1) as i32)
+}
+
+/// Why no worker can run this database's rebuilds and async projections.
+#[derive(Debug, thiserror::Error)]
+pub enum NoWorker {
+    #[error("event_projections is not loaded through shared_preload_libraries, so no worker can run rebuilds or async projections")]
+    NotPreloaded,
+    #[error("the event_projections worker serves database \"{served}\", not this one")]
+    OtherDatabase { served: String },
+}
+
+impl SqlError for NoWorker {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+    }
+    fn hint(&self) -> Option<String> {
+        Some(match self {
+            NoWorker::NotPreloaded => "Add shared_preload_libraries = 'event_projections' and event_projections.database = '<this database>' to postgresql.conf and restart the server.".into(),
+            NoWorker::OtherDatabase { .. } => "Set event_projections.database to this database in postgresql.conf and reload (SELECT pg_reload_conf()).".into(),
+        })
+    }
+}
+
+/// Checks that a worker can run work of this database.
+pub fn require_worker() -> Result<(), NoWorker> {
+    if !available() {
+        return Err(NoWorker::NotPreloaded);
+    }
+    let served = settings::database();
+    // SAFETY: the name of this backend's database, palloc'd by get_database_name.
+    let here = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }
+        .to_string_lossy()
+        .into_owned();
+    if served != here {
+        return Err(NoWorker::OtherDatabase { served });
+    }
+    Ok(())
+}
+
 /// A worker process announces itself so that commits can wake it.
 pub fn register_worker(index: usize) {
+    WORKER_INDEX.store(index as i32, Ordering::SeqCst);
     if let Some(sh) = shared() {
         if index < MAX_WORKERS {
             let w = &sh.workers[index];
-            w.database.store(unsafe { pg_sys::MyDatabaseId }.to_u32(), Ordering::SeqCst);
-            w.procno.store(unsafe { (*pg_sys::MyProc).pgprocno } as u32 + 1, Ordering::SeqCst);
+            w.database.store(my_database(), Ordering::SeqCst);
+            w.procno.store(my_procno() as u32 + 1, Ordering::SeqCst);
         }
     }
 }
@@ -274,13 +397,15 @@ pub fn want_wakeups(index: usize, yes: bool) {
 /// Wakes the workers serving this database that have async work (all of them with `all`).
 pub fn wake_workers_of(all: bool) {
     let Some(sh) = shared() else { return };
-    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let db = my_database();
     for w in &sh.workers {
         let procno = w.procno.load(Ordering::SeqCst);
         if procno != 0
             && w.database.load(Ordering::SeqCst) == db
             && (all || w.wants_wakeups.load(Ordering::SeqCst) != 0)
         {
+            // SAFETY: procno - 1 is a worker's index into the PGPROC array, which lives in shared
+            // memory for the life of the server; setting a latch is safe from any process.
             unsafe {
                 let proc_ = (*pg_sys::ProcGlobal).allProcs.add(procno as usize - 1);
                 pg_sys::SetLatch(&mut (*proc_).procLatch);
@@ -294,42 +419,67 @@ pub fn wake_workers_of(all: bool) {
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
-    unsafe {
-        match event {
-            XACT_EVENT_PRE_PREPARE if HOLDING || BUMP_AT_COMMIT => {
-                pgrx::pg_sys::panic::ErrorReport::new(
-                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                    "cannot PREPARE a transaction that appended events or changed a projection",
-                    "event_projections",
-                )
-                .set_detail("Its commit would come from another session, after this one stopped tracking the positions it holds, so async delivery and rebuilds could pass them.")
-                .set_hint("Commit the transaction directly; two-phase commit is not supported with ep_append.")
-                .report(PgLogLevel::ERROR);
+    match event {
+        XACT_EVENT_PRE_PREPARE if get(&HOLDING) || get(&BUMP_AT_COMMIT) => {
+            pgrx::pg_sys::panic::ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "cannot PREPARE a transaction that appended events or changed a projection",
+                "event_projections",
+            )
+            .set_detail("Its commit would come from another session, after this one stopped tracking the positions it holds, so async delivery and rebuilds could pass them.")
+            .set_hint("Commit the transaction directly; two-phase commit is not supported with ep_append.")
+            .report(PgLogLevel::ERROR);
+        }
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            if take(&BUMP_AT_COMMIT) {
+                bump_registry_epoch();
+                wake_workers_of(true); // a new async projection or rebuild: everyone looks
             }
-            XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-                if BUMP_AT_COMMIT {
-                    BUMP_AT_COMMIT = false;
-                    bump_registry_epoch();
-                    wake_workers_of(true); // a new async projection or rebuild: everyone looks
-                }
-                if HOLDING {
-                    HOLDING = false;
-                    release_slot();
-                }
-                if WAKE_AT_COMMIT {
-                    WAKE_AT_COMMIT = false;
-                    wake_workers_of(false);
+            if take(&HOLDING) {
+                release_slot();
+            }
+            if take(&WAKE_AT_COMMIT) {
+                wake_workers_of(false);
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            set(&BUMP_AT_COMMIT, false);
+            set(&WAKE_AT_COMMIT, false);
+            if take(&HOLDING) {
+                release_slot();
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A slot: (min_position, database), with 0 = none and PENDING drawn often enough to matter.
+    fn slot() -> impl Strategy<Value = (u64, u32)> {
+        (prop_oneof![Just(0u64), Just(PENDING), 1u64..200], 1u32..3)
+    }
+
+    proptest! {
+        /// The mark never passes a position some backend of this database holds, never exceeds
+        /// the last value, and is exactly the smaller of the two; a PENDING slot of this database
+        /// always means "unsettled", whatever the others hold; other databases never matter.
+        #[test]
+        fn horizon_stops_below_every_position_in_flight(last in 0i64..200, slots in proptest::collection::vec(slot(), 0..8)) {
+            let got = horizon_of(last, 1, slots.iter().copied());
+            let mine: Vec<u64> = slots.iter().filter(|s| s.1 == 1 && s.0 != 0).map(|s| s.0).collect();
+            if mine.contains(&PENDING) {
+                prop_assert_eq!(got, Horizon::Unsettled);
+            } else {
+                let expected = mine.iter().map(|m| *m as i64 - 1).fold(last, i64::min);
+                prop_assert_eq!(got, Horizon::UpTo(expected));
+                for m in mine {
+                    prop_assert!(expected < m as i64, "passed in-flight position {}", m);
                 }
             }
-            XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
-                BUMP_AT_COMMIT = false;
-                WAKE_AT_COMMIT = false;
-                if HOLDING {
-                    HOLDING = false;
-                    release_slot();
-                }
-            }
-            _ => {}
         }
     }
 }

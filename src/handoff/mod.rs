@@ -1,12 +1,16 @@
 //! The lock hand-off: the advisory locks that order appends against registrations and rebuild
 //! hand-offs, and the REPEATABLE READ check. DESIGN.md, sections 1 to 3, names the steps.
 //!
-//! Locks are taken with `LockAcquire` directly (what `pg_advisory_xact_lock_shared(int, int)` does)
-//! so they show in `pg_locks` as advisory locks with `classid` = `LOCK_CLASS`, `objid` = the
-//! projection id (0 for the registry) and `objsubid` = 2.
+//! Locks are taken with `LockAcquire` directly. They show in `pg_locks` as advisory locks with
+//! `classid` = `LOCK_CLASS`, `objid` = the projection id (0 for the registry) and `objsubid` =
+//! `LOCK_SPACE`. SQL's advisory lock functions make only `objsubid` 1 (`pg_advisory_lock(bigint)`)
+//! or 2 (`pg_advisory_lock(int, int)`), so no role can take, hold or wait on these locks.
 
-use crate::error::SqlError;
-use crate::spi::{self, Snap, Stmt};
+pub mod highwater;
+pub mod inflight;
+
+use crate::pg::error::SqlError;
+use crate::pg::spi::{self, Snap, Stmt};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::fmt::Display;
@@ -17,6 +21,8 @@ pub const LOCK_CLASS: u32 = 0x4550_0001;
 pub const OWNER_CLASS: u32 = 0x4550_0002;
 /// `objid` of the registry lock.
 pub const REGISTRY: u32 = 0;
+/// `objsubid` of every lock of the extension: a value no SQL function produces.
+pub const LOCK_SPACE: u16 = 0x4550;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -26,10 +32,11 @@ pub enum Mode {
 
 fn tag(class: u32, object: u32) -> pg_sys::LOCKTAG {
     pg_sys::LOCKTAG {
+        // SAFETY: a plain read of a global set once at connection.
         locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
         locktag_field2: class,
         locktag_field3: object,
-        locktag_field4: 2,
+        locktag_field4: LOCK_SPACE,
         locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
         locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
     }
@@ -46,6 +53,8 @@ fn lockmode(mode: Mode) -> pg_sys::LOCKMODE {
 /// deadlock detector). Held until the transaction ends.
 pub fn lock(object: u32, mode: Mode) {
     let t = tag(LOCK_CLASS, object);
+    // SAFETY: LockAcquire with a tag we built; a transaction is open (sessionLock false), and an
+    // error (deadlock, lock_timeout) is raised as usual.
     unsafe {
         pg_sys::LockAcquire(&t, lockmode(mode), false, false);
     }
@@ -59,6 +68,9 @@ pub fn lock(object: u32, mode: Mode) {
 pub fn lock_patiently(object: u32, mode: Mode, timeout_ms: i32) {
     let mut pause_ms = 1;
     loop {
+        // SAFETY: an internal subtransaction begun and ended (released or rolled back) in this block,
+        // with the memory context and resource owner put back as PostgreSQL's own callers do
+        // (plpgsql's exception blocks); the error of a failed attempt is caught inside it.
         let got = unsafe {
             let cxt = pg_sys::CurrentMemoryContext;
             let owner = pg_sys::CurrentResourceOwner;
@@ -85,7 +97,7 @@ pub fn lock_patiently(object: u32, mode: Mode, timeout_ms: i32) {
         if got {
             return;
         }
-        crate::backend::sleep_ms(pause_ms);
+        crate::pg::backend::sleep_ms(pause_ms);
         pause_ms = (pause_ms * 2).min(50);
     }
 }
@@ -93,12 +105,17 @@ pub fn lock_patiently(object: u32, mode: Mode, timeout_ms: i32) {
 /// Tries to take a session-level ownership lock without waiting.
 pub fn try_own(object: u32) -> bool {
     let t = tag(OWNER_CLASS, object);
-    unsafe { pg_sys::LockAcquire(&t, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, true, true) != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL }
+    // SAFETY: a session-level, non-waiting LockAcquire with a tag we built.
+    unsafe {
+        pg_sys::LockAcquire(&t, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, true, true)
+            != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+    }
 }
 
 /// Releases an ownership lock taken by `try_own`.
 pub fn disown(object: u32) {
     let t = tag(OWNER_CLASS, object);
+    // SAFETY: releases a session lock this process took with try_own (a missing one only warns).
     unsafe {
         pg_sys::LockRelease(&t, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, true);
     }
@@ -108,18 +125,17 @@ pub fn disown(object: u32) {
 /// queued behind a waiting exclusive request are never held for long).
 pub fn set_local_lock_timeout(ms: i32) {
     let v = std::ffi::CString::new(format!("{ms}ms")).expect("digits and letters");
-    crate::backend::set_setting(c"lock_timeout", &v, pg_sys::GucAction::GUC_ACTION_LOCAL);
+    crate::pg::backend::set_setting(c"lock_timeout", &v, pg_sys::GucAction::GUC_ACTION_LOCAL);
 }
 
 /// Whether the transaction uses one snapshot for all its statements (REPEATABLE READ, SERIALIZABLE).
 pub fn uses_transaction_snapshot() -> bool {
+    // SAFETY: a plain read of the transaction's isolation level.
     unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
 }
 
-static GENERATIONS_IN_SNAPSHOT: Stmt = Stmt {
-    sql: "SELECT id, generation FROM ep.projections WHERE id = ANY ($1)",
-    types: &[pg_sys::INT4ARRAYOID],
-};
+static GENERATIONS_IN_SNAPSHOT: Stmt =
+    Stmt { sql: "SELECT id, generation FROM ep.projections WHERE id = ANY ($1)", types: &[pg_sys::INT4ARRAYOID] };
 
 /// A6: the first of `latest` (id, generation, name) whose generation, as this transaction's
 /// snapshot sees it, is not the latest one: its last hand-off committed after the snapshot was
@@ -129,15 +145,14 @@ pub fn first_crossed<'a>(latest: &'a [(i32, i64, &'a str)]) -> Option<&'a str> {
         return None;
     }
     let ids: Vec<i32> = latest.iter().map(|l| l.0).collect();
-    let seen: Vec<(i32, i64)> = Spi::connect(|_| {
-        // Snap::Fresh under REPEATABLE READ / SERIALIZABLE is the transaction snapshot.
-        let rows = spi::exec(&GENERATIONS_IN_SNAPSHOT, &[ids.into_datum()], Snap::Fresh, 0);
-        (0..rows.len()).map(|i| (rows.get(i, 1).unwrap_or(0), rows.get(i, 2).unwrap_or(0))).collect()
+    let seen: Vec<(i32, i64)> = crate::pg::catalog::read(|| {
+        Spi::connect(|_| {
+            // Snap::Fresh under REPEATABLE READ / SERIALIZABLE is the transaction snapshot.
+            let rows = spi::exec(&GENERATIONS_IN_SNAPSHOT, &[ids.into_datum()], Snap::Fresh, 0);
+            (0..rows.len()).map(|i| (rows.get(i, 1).unwrap_or(0), rows.get(i, 2).unwrap_or(0))).collect()
+        })
     });
-    latest
-        .iter()
-        .find(|(id, generation, _)| !seen.iter().any(|(sid, sg)| sid == id && sg == generation))
-        .map(|l| l.2)
+    latest.iter().find(|(id, generation, _)| !seen.iter().any(|(sid, sg)| sid == id && sg == generation)).map(|l| l.2)
 }
 
 /// The error of A6 (and of a reader whose snapshot predates a blue-green switch).

@@ -1,13 +1,13 @@
 //! The event log: appends (DESIGN.md, section 2, steps A1..A11) and the guard that keeps
 //! `ep.events` append-only.
 
-use crate::catalog::{self, Catalog};
-use crate::error::{raise, required, required_text, ArgError, SqlError};
+use crate::handoff::inflight;
 use crate::handoff::{self, CrossedHandoff, Mode};
-use crate::inflight;
+use crate::pg::catalog::{self, Catalog};
+use crate::pg::error::{raise, required, required_text, ArgError, SqlError};
+use crate::pg::spi::{self, Snap, Stmt};
+use crate::pg::types::RawJsonb;
 use crate::registry::{self, Projection};
-use crate::spi::{self, Snap, Stmt};
-use crate::types::RawJsonb;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::fmt::Display;
@@ -35,10 +35,9 @@ impl Display for LogError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             LogError::Arg(e) => e.fmt(f),
-            LogError::WrongExpectedVersion { stream, expected, actual } => write!(
-                f,
-                "wrong expected version for stream \"{stream}\": expected {expected}, actual {actual}"
-            ),
+            LogError::WrongExpectedVersion { stream, expected, actual } => {
+                write!(f, "wrong expected version for stream \"{stream}\": expected {expected}, actual {actual}")
+            }
         }
     }
 }
@@ -73,20 +72,22 @@ impl SqlError for LogError {
     }
 }
 
-/// True only while our own INSERT into ep.events runs: the guard trigger lets exactly that through.
-static mut APPENDING: bool = false;
+thread_local! {
+    /// True only while our own INSERT into ep.events runs: the guard trigger lets exactly that through.
+    static APPENDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 /// Sets APPENDING for its lifetime; an error unwinds through it and clears the flag.
 struct Appending;
 impl Appending {
     fn start() -> Self {
-        unsafe { APPENDING = true };
+        APPENDING.with(|a| a.set(true));
         Appending
     }
 }
 impl Drop for Appending {
     fn drop(&mut self) {
-        unsafe { APPENDING = false };
+        APPENDING.with(|a| a.set(false));
     }
 }
 
@@ -102,12 +103,26 @@ static INSERT_ONE: [Stmt; 2] = [
     Stmt {
         sql: "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata) \
               VALUES ($1, $2, $3, $4, $5, $6)",
-        types: &[pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::JSONBOID],
+        types: &[
+            pg_sys::INT8OID,
+            pg_sys::TEXTOID,
+            pg_sys::INT8OID,
+            pg_sys::TEXTOID,
+            pg_sys::JSONBOID,
+            pg_sys::JSONBOID,
+        ],
     },
     Stmt {
         sql: "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata) \
               VALUES ($1, $2, $3, $4, $5, $6) RETURNING e",
-        types: &[pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::JSONBOID],
+        types: &[
+            pg_sys::INT8OID,
+            pg_sys::TEXTOID,
+            pg_sys::INT8OID,
+            pg_sys::TEXTOID,
+            pg_sys::JSONBOID,
+            pg_sys::JSONBOID,
+        ],
     },
 ];
 
@@ -138,6 +153,7 @@ static INSERT_MANY: [Stmt; 2] = [
 ];
 
 fn next_position(cat: &Catalog) -> i64 {
+    // SAFETY: nextval_oid with the OID of our sequence, which exists (the catalog was looked up).
     unsafe {
         pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[cat.position_seq.into_datum()])
             .expect("nextval never returns NULL")
@@ -173,6 +189,7 @@ pub fn append_many(stream: Option<&str>, events: Option<RawJsonb>, expected: Opt
     let stream = required_text(stream, "stream_id")?;
     let events = required(events, "events")?;
     let invalid = |problem: String| LogError::Arg(ArgError::Invalid { arg: "events", problem });
+    // SAFETY: a plain read of the current memory context.
     let cxt = unsafe { pg_sys::CurrentMemoryContext };
     let parsed: Result<Vec<NewEvent>, LogError> = Spi::connect(|_| {
         let top: Option<String> = spi::exec(&TYPEOF, &[Some(events.0)], Snap::Fresh, 0).get(0, 1);
@@ -253,6 +270,7 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
 
     let n = events.len() as i64;
     let returning = usize::from(!projections.is_empty());
+    // SAFETY: a plain read of the current memory context.
     let cxt = unsafe { pg_sys::CurrentMemoryContext };
     let written: Result<(Vec<pg_sys::Datum>, Vec<i64>), LogError> = catalog::privileged(&cat, || {
         Spi::connect(|_| {
@@ -262,7 +280,11 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
             let before = version - n;
             if let Some(exp) = expected {
                 if exp != before {
-                    return Err(LogError::WrongExpectedVersion { stream: stream.into(), expected: exp, actual: before });
+                    return Err(LogError::WrongExpectedVersion {
+                        stream: stream.into(),
+                        expected: exp,
+                        actual: before,
+                    });
                 }
             }
             // A8: announce, take the positions, publish the smallest.
@@ -331,9 +353,11 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
             h.call(arr, &|| format!("events {first}..{lastp} of stream \"{stream}\""));
         } else {
             let datums: Vec<pg_sys::Datum> = mine.iter().map(|m| m.0).collect();
-            h.call_all(&datums, |_| {}, |i| {
-                format!("event {} (stream \"{stream}\", type \"{}\")", mine[i].2, mine[i].1.event_type)
-            });
+            h.call_all(
+                &datums,
+                |_| {},
+                |i| format!("event {} (stream \"{stream}\", type \"{}\")", mine[i].2, mine[i].1.event_type),
+            );
         }
     }
     Ok(last)
@@ -344,6 +368,8 @@ fn metadata_array(events: &[NewEvent]) -> Option<pg_sys::Datum> {
     let mut nulls: Vec<bool> = events.iter().map(|e| e.metadata.is_none()).collect();
     let mut dims = [datums.len() as i32];
     let mut lbs = [1i32];
+    // SAFETY: a one-dimensional array of `datums.len()` jsonb values with a matching null bitmap,
+    // built in the current memory context; construct_md_array copies the elements.
     unsafe {
         let arr = pg_sys::construct_md_array(
             datums.as_ptr() as *mut pg_sys::Datum,
@@ -390,7 +416,7 @@ impl SqlError for AppendOnly {
 /// An INSERT passes only from ep_append itself, or as the COPY of a restore: pg_dump writes the log
 /// as `COPY ep.events (...) FROM stdin;`, and only the table owner may COPY into it.
 pub fn guard(op: &'static str) {
-    if op == "INSERT" && (unsafe { APPENDING } || restoring()) {
+    if op == "INSERT" && (APPENDING.with(|a| a.get()) || restoring()) {
         return;
     }
     raise(&AppendOnly { op });
@@ -399,6 +425,8 @@ pub fn guard(op: &'static str) {
 /// Whether the statement being executed is a `COPY ep.events ... FROM` sent by the client (not
 /// an INSERT that some trigger runs during a COPY into another table).
 fn restoring() -> bool {
+    // SAFETY: reads of the active portal and the query string, which live at least as long as the
+    // statement that fires this trigger.
     unsafe {
         let portal = pg_sys::ActivePortal;
         if portal.is_null() || (*portal).commandTag != pg_sys::CommandTag::CMDTAG_COPY {

@@ -6,6 +6,8 @@ use pgrx::pg_sys;
 /// Sets a user-settable setting for the current GUC nest level (`GUC_ACTION_SAVE`) or for the rest
 /// of the transaction (`GUC_ACTION_LOCAL`).
 pub fn set_setting(name: &std::ffi::CStr, value: &std::ffi::CStr, action: pg_sys::GucAction::Type) {
+    // SAFETY: set_config_option with NUL-terminated strings, in a backend with a transaction open;
+    // it raises (elevel 0 → ERROR) on a bad value.
     unsafe {
         pg_sys::set_config_option(
             name.as_ptr(),
@@ -23,6 +25,7 @@ pub fn set_setting(name: &std::ffi::CStr, value: &std::ffi::CStr, action: pg_sys
 /// Sleeps on the process latch for `ms` milliseconds (a cancel, a shutdown or a wake-up ends the
 /// sleep early; interrupts are then processed).
 pub fn sleep_ms(ms: i64) {
+    // SAFETY: WaitLatch/ResetLatch on this process's own latch.
     unsafe {
         pg_sys::WaitLatch(
             pg_sys::MyLatch,

@@ -9,11 +9,11 @@
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::Cell;
-use std::ffi::CString;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Catalog {
     pub namespace: pg_sys::Oid,
+    pub events_rel: pg_sys::Oid,
     pub events_type: pg_sys::Oid,
     pub position_seq: pg_sys::Oid,
     pub owner: pg_sys::Oid,
@@ -25,6 +25,7 @@ thread_local! {
 
 /// The catalog of the extension in this database, or None when the extension is not installed.
 pub fn lookup() -> Option<Catalog> {
+    // SAFETY: a syscache lookup by name, missing_ok.
     let ns = unsafe { pg_sys::get_namespace_oid(c"ep".as_ptr(), true) };
     if ns == pg_sys::Oid::INVALID {
         return None;
@@ -34,21 +35,19 @@ pub fn lookup() -> Option<Catalog> {
             return Some(c);
         }
         // The schema was dropped and created again: plans point at dead objects.
-        crate::spi::reset_plans();
+        crate::pg::spi::reset_plans();
     }
+    // SAFETY: syscache lookups by name and OID, each returning InvalidOid when missing.
     let c = unsafe {
         let events_rel = pg_sys::get_relname_relid(c"events".as_ptr(), ns);
-        let events_type = if events_rel == pg_sys::Oid::INVALID {
-            pg_sys::Oid::INVALID
-        } else {
-            pg_sys::get_rel_type_id(events_rel)
-        };
+        let events_type =
+            if events_rel == pg_sys::Oid::INVALID { pg_sys::Oid::INVALID } else { pg_sys::get_rel_type_id(events_rel) };
         let position_seq = pg_sys::get_relname_relid(c"global_position_seq".as_ptr(), ns);
         let ext = pg_sys::get_extension_oid(c"event_projections".as_ptr(), true);
         if events_type == pg_sys::Oid::INVALID || position_seq == pg_sys::Oid::INVALID || ext == pg_sys::Oid::INVALID {
             return None;
         }
-        Catalog { namespace: ns, events_type, position_seq, owner: extension_owner(ext) }
+        Catalog { namespace: ns, events_rel, events_type, position_seq, owner: extension_owner(ext) }
     };
     CACHED.with(|cell| cell.set(Some(c)));
     Some(c)
@@ -57,11 +56,7 @@ pub fn lookup() -> Option<Catalog> {
 fn extension_owner(ext: pg_sys::Oid) -> pg_sys::Oid {
     Spi::connect(|client| {
         client
-            .select(
-                "SELECT extowner FROM pg_catalog.pg_extension WHERE oid = $1",
-                None,
-                &[ext.into()],
-            )
+            .select("SELECT extowner FROM pg_catalog.pg_extension WHERE oid = $1", None, &[ext.into()])
             .ok()
             .and_then(|t| t.first().get_one::<pg_sys::Oid>().ok().flatten())
             .unwrap_or(pg_sys::BOOTSTRAP_SUPERUSERID.into())
@@ -72,7 +67,7 @@ fn extension_owner(ext: pg_sys::Oid) -> pg_sys::Oid {
 pub fn require() -> Catalog {
     match lookup() {
         Some(c) => c,
-        None => crate::error::raise(&NotInstalled),
+        None => crate::pg::error::raise(&NotInstalled),
     }
 }
 
@@ -82,7 +77,7 @@ impl std::fmt::Display for NotInstalled {
         write!(f, "extension event_projections is not installed in this database")
     }
 }
-impl crate::error::SqlError for NotInstalled {
+impl crate::pg::error::SqlError for NotInstalled {
     fn sqlstate(&self) -> PgSqlErrorCode {
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
     }
@@ -91,73 +86,91 @@ impl crate::error::SqlError for NotInstalled {
     }
 }
 
-/// The search_path used while the extension runs privileged.
+/// The search_path of the extension's own DDL on a user's read model (names are qualified;
+/// `pg_temp` last so that no temporary object can shadow one).
 pub const PINNED_PATH: &str = "pg_catalog, pg_temp";
 
-/// Runs `f` as `role` with `search_path`, restoring both afterwards. On an error the enclosing
-/// (sub)transaction's abort restores them, as it does for SECURITY DEFINER functions.
-pub fn run_as<R>(role: pg_sys::Oid, search_path: &str, f: impl FnOnce() -> R) -> R {
-    let path = CString::new(search_path).unwrap_or_else(|_| CString::new(PINNED_PATH).expect("static"));
-    unsafe {
-        let mut saved_user = pg_sys::Oid::INVALID;
-        let mut saved_sec: i32 = 0;
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_sec);
-        let nest = pg_sys::NewGUCNestLevel();
-        pg_sys::SetUserIdAndSecContext(role, saved_sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-        crate::backend::set_setting(c"search_path", &path, pg_sys::GucAction::GUC_ACTION_SAVE);
-        let r = f();
-        pg_sys::AtEOXact_GUC(true, nest);
-        pg_sys::SetUserIdAndSecContext(saved_user, saved_sec);
-        r
-    }
+/// Reads the extension's own catalog as its owner, under the pinned path: callers need no
+/// privilege on the tables (PUBLIC has none), and nothing they defined can be resolved.
+pub fn read<R>(f: impl FnOnce() -> R) -> R {
+    privileged(&require(), f)
 }
 
-/// Runs `f` as the extension owner with only `pg_catalog` to resolve names (no caller-defined
-/// schema, not even pg_temp). An override search path rather than the search_path setting: it is
-/// a pointer push and pop, where setting the GUC parses, validates and later recomputes the path,
-/// and this runs on every append. Never call a handler inside: the override would hide the
-/// handler's own search_path. On an error, the (sub)transaction's abort pops the override and
-/// restores the user, as it does for SECURITY DEFINER functions.
+/// Runs `f` as the extension owner with only `pg_catalog` to resolve names
+/// (`spi::with_pinned_path`). Never call user code inside. On an error, the (sub)transaction's
+/// abort restores the user, as it does for SECURITY DEFINER functions.
 pub fn privileged<R>(cat: &Catalog, f: impl FnOnce() -> R) -> R {
+    let mut saved_user = pg_sys::Oid::INVALID;
+    let mut saved_sec: i32 = 0;
+    // SAFETY: reads and sets the backend's user id inside a transaction; restored below.
     unsafe {
-        let mut saved_user = pg_sys::Oid::INVALID;
-        let mut saved_sec: i32 = 0;
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_sec);
         pg_sys::SetUserIdAndSecContext(cat.owner, saved_sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-        let path = pg_sys::palloc0(std::mem::size_of::<pg_sys::OverrideSearchPath>()) as *mut pg_sys::OverrideSearchPath;
-        (*path).schemas = std::ptr::null_mut();
-        (*path).addCatalog = true;
-        (*path).addTemp = false;
-        pg_sys::PushOverrideSearchPath(path);
-        let r = f();
-        pg_sys::PopOverrideSearchPath();
-        pg_sys::SetUserIdAndSecContext(saved_user, saved_sec);
-        r
     }
+    let r = crate::pg::spi::with_pinned_path(f);
+    // SAFETY: puts back what was saved above.
+    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_sec) };
+    r
 }
 
 /// The role running the current statement (the caller of an ep_* function).
 pub fn current_user() -> pg_sys::Oid {
+    // SAFETY: a plain read of the current user id.
     unsafe { pg_sys::GetUserId() }
 }
 
 /// Whether `role` may execute function `func`.
 pub fn may_execute(role: pg_sys::Oid, func: pg_sys::Oid) -> bool {
+    // SAFETY: an ACL check by OIDs (a syscache lookup).
     unsafe {
-        pg_sys::pg_proc_aclcheck(func, role, pg_sys::ACL_EXECUTE as pg_sys::AclMode)
-            == pg_sys::AclResult::ACLCHECK_OK
+        pg_sys::pg_proc_aclcheck(func, role, pg_sys::ACL_EXECUTE as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK
     }
 }
 
 /// Whether `role` may use schema `nsp`.
 pub fn may_use_schema(role: pg_sys::Oid, nsp: pg_sys::Oid) -> bool {
+    // SAFETY: an ACL check by OIDs (a syscache lookup).
     unsafe {
-        pg_sys::pg_namespace_aclcheck(nsp, role, pg_sys::ACL_USAGE as pg_sys::AclMode)
-            == pg_sys::AclResult::ACLCHECK_OK
+        pg_sys::pg_namespace_aclcheck(nsp, role, pg_sys::ACL_USAGE as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK
+    }
+}
+
+/// Whether `role` may SELECT from relation `rel`.
+pub fn may_select(role: pg_sys::Oid, rel: pg_sys::Oid) -> bool {
+    // SAFETY: an ACL check by OIDs (a syscache lookup).
+    unsafe {
+        pg_sys::pg_class_aclcheck(rel, role, pg_sys::ACL_SELECT as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK
+    }
+}
+
+/// The owner of schema `nsp`, None when there is no such schema.
+pub fn namespace_owner(nsp: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    // SAFETY: a syscache lookup; the tuple is read before ReleaseSysCache.
+    unsafe {
+        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::NAMESPACEOID as i32, nsp.into());
+        if tup.is_null() {
+            return None;
+        }
+        let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_namespace>(tup);
+        let owner = (*form).nspowner;
+        pg_sys::ReleaseSysCache(tup);
+        Some(owner)
     }
 }
 
 /// Whether `role` is a superuser or a member of `owner` (may act for it).
 pub fn acts_for(role: pg_sys::Oid, owner: pg_sys::Oid) -> bool {
+    // SAFETY: role membership checks by OID (catalog lookups).
     unsafe { pg_sys::superuser_arg(role) || pg_sys::has_privs_of_role(role, owner) }
+}
+
+/// `func::regprocedure::text`, for messages.
+pub fn regprocedure_text(function: pg_sys::Oid) -> String {
+    // SAFETY: format_procedure returns a palloc'd string (for a missing function, its OID).
+    unsafe {
+        let p = pg_sys::format_procedure(function);
+        let s = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+        pg_sys::pfree(p as *mut std::ffi::c_void);
+        s
+    }
 }

@@ -3,6 +3,9 @@
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 
+/// Upper bound on `event_projections.workers` (the shared worker slots are sized by it).
+pub const MAX_WORKERS: usize = 16;
+
 static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -10,6 +13,7 @@ static HANDOFF_LOCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(20);
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
 static RETRY_BACKOFF: GucSetting<i32> = GucSetting::<i32>::new(100);
 static NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static HANDLER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 
 pub fn define(preloaded: bool) {
     GucRegistry::define_string_guc(
@@ -27,7 +31,7 @@ pub fn define(preloaded: bool) {
         c"Each projection's rebuild or async delivery is run by one of them at a time.",
         &WORKERS,
         1,
-        crate::inflight::MAX_WORKERS as i32,
+        MAX_WORKERS as i32,
         if preloaded { GucContext::Postmaster } else { GucContext::Suset },
         GucFlags::default(),
     );
@@ -81,6 +85,17 @@ pub fn define(preloaded: bool) {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_int_guc(
+        c"event_projections.handler_timeout",
+        c"Longest a call of user code (handler, setup function) may run in a worker; 0 disables.",
+        c"A call that runs longer is cancelled, and the worker process ends if the code catches the cancel; the projection (or its rebuild) stops as failed.",
+        &HANDLER_TIMEOUT,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    // SAFETY: reserves our prefix (unknown event_projections.* settings become errors), once at load.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"event_projections".as_ptr()) };
 }
 
@@ -104,4 +119,7 @@ pub fn retry_backoff_ms() -> i32 {
 }
 pub fn naptime_ms() -> i32 {
     NAPTIME.get()
+}
+pub fn handler_timeout_ms() -> i32 {
+    HANDLER_TIMEOUT.get()
 }

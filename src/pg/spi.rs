@@ -37,6 +37,8 @@ fn plan_for(stmt: &Stmt) -> pg_sys::SPIPlanPtr {
     }
     let sql = CString::new(stmt.sql).expect("statement text has no NUL byte");
     let mut types = stmt.types.to_vec();
+    // SAFETY: SPI_prepare inside Spi::connect (every caller), with a NUL-terminated statement
+    // and `types.len()` parameter types; the plan is kept (SPI_keepplan) before it is cached.
     unsafe {
         let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
         if plan.is_null() {
@@ -67,6 +69,8 @@ impl Rows {
         if row >= self.len {
             return (pg_sys::Datum::from(0), true, pg_sys::Oid::INVALID);
         }
+        // SAFETY: `row < len`, the number of tuples in the SPI tuple table, which is valid until the
+        // enclosing Spi::connect ends (Rows never outlives it: every caller uses it inside).
         unsafe {
             let t = &*self.table;
             let tuple = *t.vals.add(row);
@@ -81,6 +85,7 @@ impl Rows {
     /// no such row.
     pub fn get<T: FromDatum>(&self, row: usize, col: usize) -> Option<T> {
         let (d, isnull, typ) = self.raw(row, col);
+        // SAFETY: the datum comes with its own type OID, so T's from_polymorphic_datum can check it.
         unsafe { T::from_polymorphic_datum(d, isnull, typ) }
     }
 
@@ -96,6 +101,8 @@ impl Rows {
         if isnull {
             return None;
         }
+        // SAFETY: copies a varlena (or passes a by-value datum) from the SPI tuple table into `cxt`,
+        // whose lifetime the caller chose.
         unsafe {
             // SPI_datumTransfer copies into the context that was current at SPI_connect; switch so
             // that the copy lands in `cxt` instead.
@@ -116,13 +123,42 @@ impl Rows {
     }
 }
 
+/// Runs `f` with only `pg_catalog` to resolve names: no schema a user controls, not even
+/// `pg_temp`. An override search path rather than the search_path setting: a pointer push and
+/// pop, where setting the GUC parses, validates and later recomputes the path, and this runs on
+/// every append. Never call user code inside (the override would hide its own search_path). On
+/// an error the (sub)transaction's abort pops the override.
+pub fn with_pinned_path<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: an OverrideSearchPath allocated in the current memory context, pushed and popped
+    // in a nested pair; PushOverrideSearchPath copies what it needs.
+    unsafe {
+        let path =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::OverrideSearchPath>()) as *mut pg_sys::OverrideSearchPath;
+        (*path).schemas = std::ptr::null_mut();
+        (*path).addCatalog = true;
+        (*path).addTemp = false;
+        pg_sys::PushOverrideSearchPath(path);
+    }
+    let r = f();
+    // SAFETY: pops the override pushed above.
+    unsafe { pg_sys::PopOverrideSearchPath() };
+    r
+}
+
 /// Executes `stmt` with `args` (None = NULL) under `snap`, returning at most `limit` rows (0 = all).
+/// The statement is prepared and run under the pinned path (`with_pinned_path`), whoever calls.
 pub fn exec(stmt: &Stmt, args: &[Option<pg_sys::Datum>], snap: Snap, limit: i64) -> Rows {
+    with_pinned_path(|| exec_pinned(stmt, args, snap, limit))
+}
+
+fn exec_pinned(stmt: &Stmt, args: &[Option<pg_sys::Datum>], snap: Snap, limit: i64) -> Rows {
     assert_eq!(args.len(), stmt.types.len(), "argument count of {}", stmt.sql);
     let plan = plan_for(stmt);
     let mut values: Vec<pg_sys::Datum> = args.iter().map(|a| a.unwrap_or(pg_sys::Datum::from(0))).collect();
     let nulls: Vec<std::ffi::c_char> =
         args.iter().map(|a| if a.is_some() { b' ' as std::ffi::c_char } else { b'n' as std::ffi::c_char }).collect();
+    // SAFETY: a kept plan with as many values and nulls as its parameter types (asserted above),
+    // inside Spi::connect; GetLatestSnapshot is valid until the next snapshot is taken.
     unsafe {
         let rc = match snap {
             Snap::Fresh => pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, limit),
@@ -151,6 +187,7 @@ pub fn exec(stmt: &Stmt, args: &[Option<pg_sys::Datum>], snap: Snap, limit: i64)
 pub fn reset_plans() {
     PLANS.with(|m| {
         for (_, p) in m.borrow_mut().drain() {
+            // SAFETY: plans made by plan_for with SPI_keepplan, each freed once (drained from the map).
             unsafe { pg_sys::SPI_freeplan(p as pg_sys::SPIPlanPtr) };
         }
     });
@@ -168,6 +205,8 @@ pub fn int8(v: i64) -> Option<pg_sys::Datum> {
 
 /// A one-dimensional array of by-reference `elem` values (no NULLs) built from raw datums.
 fn array_of(elems: &[pg_sys::Datum], elem: pg_sys::Oid, align: u8) -> pg_sys::Datum {
+    // SAFETY: `elems.len()` datums of type `elem` (by reference, alignment `align`), copied by
+    // construct_array into the current memory context.
     unsafe {
         let arr = pg_sys::construct_array(
             elems.as_ptr() as *mut pg_sys::Datum,

@@ -22,18 +22,23 @@ macro_rules! raw_arg {
             }
         }
 
+        // SAFETY: unboxes through FromDatum, which checks for NULL; the datum's type is the SQL type
+        // declared below, which PostgreSQL checked when it called the function.
         unsafe impl<'fcx> ArgAbi<'fcx> for $name {
             unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
                 let index = arg.index();
+                // SAFETY: see the impl: the argument is of this type.
                 unsafe { arg.unbox_arg_using_from_datum() }
                     .unwrap_or_else(|| panic!("argument {index} must not be null"))
             }
 
             unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+                // SAFETY: see the impl: the argument is of this type.
                 unsafe { arg.unbox_arg_using_from_datum::<$name>() }.into()
             }
         }
 
+        // SAFETY: the SQL type named here is the one the datum holds (jsonb, regprocedure).
         unsafe impl SqlTranslatable for $name {
             const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!($name);
             const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;

@@ -2,13 +2,16 @@
 //! 3.2, 3.3 and 5). Every step is one transaction of the worker; the rebuild's row carries its
 //! phase and checkpoint, so a crash at any point resumes from the last committed step.
 
-use crate::catalog::{self, Catalog};
-use crate::error::{required, required_text, ArgError, SqlError};
-use crate::handler::quote_ident;
+use crate::handoff::highwater;
+use crate::handoff::inflight::{self, NoWorker};
 use crate::handoff::{self, Mode};
+use crate::pg::catalog::{self, Catalog};
+use crate::pg::error::{required, required_text, ArgError, SqlError};
+use crate::pg::settings;
+use crate::pg::spi::{self, Snap, Stmt};
 use crate::registry::{self, Projection, ProjectionMode, RegistryError};
-use crate::spi::{self, Snap, Stmt};
-use crate::{highwater, inflight, replay, settings};
+use crate::sandbox::replay;
+use crate::sandbox::{self, quote_ident};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::fmt::Display;
@@ -39,12 +42,12 @@ impl Strategy {
 pub enum RebuildError {
     Arg(ArgError),
     Registry(RegistryError),
-    NotPreloaded,
-    OtherDatabase { served: String },
+    NoWorker(NoWorker),
     NoSchema { projection: String },
     UnknownRebuild(i64),
     QueuedHere(i64),
     Timeout { id: i64, waited: String },
+    NameTaken { schema: String },
 }
 
 impl From<ArgError> for RebuildError {
@@ -63,13 +66,7 @@ impl Display for RebuildError {
         match self {
             RebuildError::Arg(e) => e.fmt(f),
             RebuildError::Registry(e) => e.fmt(f),
-            RebuildError::NotPreloaded => {
-                write!(f, "event_projections is not loaded through shared_preload_libraries, so no worker can run rebuilds or async projections")
-            }
-            RebuildError::OtherDatabase { served } => write!(
-                f,
-                "the event_projections worker serves database \"{served}\", not this one"
-            ),
+            RebuildError::NoWorker(e) => e.fmt(f),
             RebuildError::NoSchema { projection } => write!(
                 f,
                 "projection \"{projection}\" has no read_model_schema, so a rebuild does not know which tables to rebuild"
@@ -80,6 +77,10 @@ impl Display for RebuildError {
                 "rebuild {id} was queued or changed by this transaction, so the worker cannot start it before the transaction commits"
             ),
             RebuildError::Timeout { id, waited } => write!(f, "rebuild {id} did not finish within {waited}"),
+            RebuildError::NameTaken { schema } => write!(
+                f,
+                "schema \"{schema}\" already exists, so a blue-green rebuild cannot use that name for its copy"
+            ),
         }
     }
 }
@@ -90,28 +91,23 @@ impl SqlError for RebuildError {
         match self {
             RebuildError::Arg(e) => e.sqlstate(),
             RebuildError::Registry(e) => e.sqlstate(),
-            RebuildError::NotPreloaded
-            | RebuildError::OtherDatabase { .. }
-            | RebuildError::NoSchema { .. }
-            | RebuildError::QueuedHere(_) => {
-                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
-            }
+            RebuildError::NoWorker(e) => e.sqlstate(),
+            RebuildError::NoSchema { .. } | RebuildError::QueuedHere(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             RebuildError::UnknownRebuild(_) => ERRCODE_UNDEFINED_OBJECT,
+            RebuildError::NameTaken { .. } => ERRCODE_DUPLICATE_SCHEMA,
             RebuildError::Timeout { .. } => ERRCODE_QUERY_CANCELED,
         }
     }
     fn hint(&self) -> Option<String> {
         match self {
-            RebuildError::NotPreloaded => Some(
-                "Add shared_preload_libraries = 'event_projections' and event_projections.database = '<this database>' to postgresql.conf and restart the server.".into(),
-            ),
-            RebuildError::OtherDatabase { .. } => Some(
-                "Set event_projections.database to this database in postgresql.conf and reload (SELECT pg_reload_conf()).".into(),
-            ),
+            RebuildError::NoWorker(e) => e.hint(),
             RebuildError::NoSchema { projection } => Some(format!(
                 "Register the projection again with read_model_schema naming the schema of its tables (ep_unregister_projection('{projection}') first)."
             )),
             RebuildError::Timeout { .. } => Some("The rebuild goes on; call ep_rebuild_wait again or watch ep.projection_status.".into()),
+            RebuildError::NameTaken { schema } => Some(format!(
+                "The extension never drops a schema it did not create: rename or drop \"{schema}\" yourself, then rebuild again."
+            )),
             RebuildError::QueuedHere(id) => Some(format!(
                 "Commit first, then SELECT ep_rebuild_wait({id}) (or CALL ep_rebuild_await({id})) in a new transaction."
             )),
@@ -120,19 +116,10 @@ impl SqlError for RebuildError {
     }
 }
 
-/// Checks that a worker can run work of this database.
-pub fn require_worker() -> Result<(), RebuildError> {
-    if !inflight::available() {
-        return Err(RebuildError::NotPreloaded);
+impl From<NoWorker> for RebuildError {
+    fn from(e: NoWorker) -> Self {
+        RebuildError::NoWorker(e)
     }
-    let served = settings::database();
-    let here = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }
-        .to_string_lossy()
-        .into_owned();
-    if served != here {
-        return Err(RebuildError::OtherDatabase { served });
-    }
-    Ok(())
 }
 
 static OPEN_REBUILD: Stmt = Stmt {
@@ -176,14 +163,24 @@ pub fn queue(
         }
         .into());
     }
+    // The code a rebuild runs is run as the projection's owner: the owner must be able to run it,
+    // and so must the caller (who could not otherwise call it either).
+    for f in new_handler.iter().chain(setup.iter()) {
+        if !catalog::may_execute(caller, *f) {
+            return Err(RegistryError::NoExecute { handler: crate::pg::catalog::regprocedure_text(*f) }.into());
+        }
+    }
     if let Some(h) = new_handler {
-        registry::validate_handler(&cat, h, caller)?;
+        registry::validate_handler(&cat, h, p.owner)?;
     }
     if let Some(f) = setup {
-        validate_setup(f)?;
+        validate_setup(f, p.owner)?;
     }
-    require_worker()?;
-    let existing = Spi::connect(|_| spi::exec(&OPEN_REBUILD, &[p.id.into_datum()], Snap::Latest, 0).get::<i64>(0, 1));
+    check_model_schema(&p)?;
+    inflight::require_worker()?;
+    let existing = catalog::read(|| {
+        Spi::connect(|_| spi::exec(&OPEN_REBUILD, &[p.id.into_datum()], Snap::Latest, 0).get::<i64>(0, 1))
+    });
     if let Some(id) = existing.filter(|_| true) {
         return Ok(id);
     }
@@ -211,12 +208,39 @@ pub fn queue(
             Ok(id)
         }
         // Lost a race with a concurrent ep_rebuild: return that one.
-        None => Ok(Spi::connect(|_| spi::exec(&OPEN_REBUILD, &[p.id.into_datum()], Snap::Latest, 0).get::<i64>(0, 1))
-            .unwrap_or(0)),
+        None => Ok(catalog::read(|| {
+            Spi::connect(|_| spi::exec(&OPEN_REBUILD, &[p.id.into_datum()], Snap::Latest, 0).get::<i64>(0, 1))
+        })
+        .unwrap_or(0)),
     }
 }
 
-fn validate_setup(f: pg_sys::Oid) -> Result<(), RegistryError> {
+/// The projection's read-model schema exists and is its owner's (`registry::check_schema_owner`):
+/// checked when a rebuild is queued and again by each step that changes the schema.
+pub fn check_model_schema(p: &Projection) -> Result<(), RegistryError> {
+    let schema = p.schema.as_deref().unwrap_or_default();
+    let nsp = namespace_oid(schema);
+    if nsp == pg_sys::Oid::INVALID {
+        return Err(RegistryError::NoSchema(schema.into()));
+    }
+    registry::check_schema_owner(nsp, schema, p.owner)
+}
+
+/// The OID of schema `name` (InvalidOid when there is none).
+fn namespace_oid(name: &str) -> pg_sys::Oid {
+    match std::ffi::CString::new(name) {
+        // SAFETY: a syscache lookup by name, missing_ok.
+        Ok(c) => unsafe { pg_sys::get_namespace_oid(c.as_ptr(), true) },
+        Err(_) => pg_sys::Oid::INVALID,
+    }
+}
+
+fn validate_setup(f: pg_sys::Oid, owner: pg_sys::Oid) -> Result<(), RegistryError> {
+    let name = crate::pg::catalog::regprocedure_text(f);
+    registry::refuse_temporary(f, &name)?;
+    if !catalog::may_execute(owner, f) {
+        return Err(RegistryError::NoExecute { handler: name });
+    }
     let ok = Spi::connect(|c| {
         c.select(
             "SELECT pronargs = 1 AND proargtypes[0] IN ('text'::regtype, 'name'::regtype) AND prokind = 'f' \
@@ -232,14 +256,48 @@ fn validate_setup(f: pg_sys::Oid) -> Result<(), RegistryError> {
         Ok(())
     } else {
         Err(RegistryError::BadHandler {
-            handler: crate::handler::regprocedure_text(f),
+            handler: crate::pg::catalog::regprocedure_text(f),
             problem: "a setup function takes one text argument (the schema to create the tables in)".into(),
         })
     }
 }
 
-static REBUILD_STATUS: Stmt =
-    Stmt { sql: "SELECT status, xmin::text::bigint FROM ep.rebuilds WHERE id = $1", types: &[pg_sys::INT8OID] };
+static REBUILD_STATUS: Stmt = Stmt {
+    sql: "SELECT r.status, r.xmin::text::bigint, r.requested_by::oid, \
+                 (SELECT p.owner::oid FROM ep.projections p WHERE p.id = r.projection_id) \
+          FROM ep.rebuilds r WHERE r.id = $1",
+    types: &[pg_sys::INT8OID],
+};
+
+/// The status of rebuild `id` and whether this transaction wrote it, if the caller may see it:
+/// the role that requested it and the projection's owner may (and whoever acts for them).
+fn status_of(id: i64) -> Result<(String, bool), RebuildError> {
+    let (status, xmin, requester, owner): (Option<String>, Option<i64>, Option<pg_sys::Oid>, Option<pg_sys::Oid>) =
+        catalog::read(|| {
+            Spi::connect(|_| {
+                let r = spi::exec(&REBUILD_STATUS, &[id.into_datum()], Snap::Latest, 0);
+                (r.get(0, 1), r.get(0, 2), r.get(0, 3), r.get(0, 4))
+            })
+        });
+    let caller = catalog::current_user();
+    let visible = requester.iter().chain(owner.iter()).any(|r| catalog::acts_for(caller, *r));
+    match status {
+        Some(status) if visible => {
+            // SAFETY: a check of an xid against this backend's transaction state.
+            let mine = xmin.is_some_and(|x| unsafe {
+                pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from_inner(x as u32))
+            });
+            Ok((status, mine))
+        }
+        // Someone else's rebuild is as unknown as a rebuild that does not exist.
+        _ => Err(RebuildError::UnknownRebuild(id)),
+    }
+}
+
+/// `ep_rebuild_status`: the status of a rebuild the caller may see.
+pub fn status(id: Option<i64>) -> Result<String, RebuildError> {
+    Ok(status_of(required(id, "rebuild_id")?)?.0)
+}
 
 /// `ep_rebuild_wait`: the final status once the rebuild ends.
 pub fn wait(id: Option<i64>, timeout: Option<pgrx::datum::Interval>) -> Result<String, RebuildError> {
@@ -251,27 +309,19 @@ pub fn wait(id: Option<i64>, timeout: Option<pgrx::datum::Interval>) -> Result<S
     }
     let start = std::time::Instant::now();
     loop {
-        let (status, xmin): (Option<String>, Option<i64>) = Spi::connect(|_| {
-            let r = spi::exec(&REBUILD_STATUS, &[id.into_datum()], Snap::Latest, 0);
-            (r.get(0, 1), r.get(0, 2))
-        });
-        match status.as_deref() {
-            None => return Err(RebuildError::UnknownRebuild(id)),
-            Some("done") | Some("failed") | Some("cancelled") => return Ok(status.unwrap_or_default()),
-            _ => {}
+        let (status, mine) = status_of(id)?;
+        if matches!(status.as_str(), "done" | "failed" | "cancelled") {
+            return Ok(status);
         }
         // Queued (or cancelled) by this very transaction: the worker cannot see it before the
         // commit, so waiting here would only run out the timeout.
-        let mine = xmin.is_some_and(|x| unsafe {
-            pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from_inner(x as u32))
-        });
         if mine {
             return Err(RebuildError::QueuedHere(id));
         }
         if start.elapsed().as_micros() as i64 >= micros {
             return Err(RebuildError::Timeout { id, waited: format!("{timeout}") });
         }
-        crate::backend::sleep_ms(20);
+        crate::pg::backend::sleep_ms(20);
     }
 }
 
@@ -366,8 +416,24 @@ fn exec_priv(cat: &Catalog, stmt: &Stmt, args: &[Option<pg_sys::Datum>]) -> Opti
     catalog::privileged(cat, || Spi::connect(|_| spi::exec(stmt, args, Snap::Fresh, 0).get::<i64>(0, 1)))
 }
 
-/// Runs a utility or DDL statement built at run time, as the role that is current.
+/// Runs one utility or DDL statement built at run time (every name in it quoted by
+/// `quote_ident` or `format('%I')`), as the role that is current. Refuses text that parses into
+/// more than one statement: whatever a name holds, it cannot add one.
 fn ddl(sql: &str) {
+    let Ok(c) = std::ffi::CString::new(sql) else { error!("event_projections: a statement with a NUL byte") };
+    // SAFETY: the raw parser only reads the string; the list it returns (NIL for no statement)
+    // lives in the current memory context and is only measured.
+    let statements = unsafe {
+        let list = pg_sys::raw_parser(c.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+        if list.is_null() {
+            0
+        } else {
+            (*list).length
+        }
+    };
+    if statements != 1 {
+        error!("event_projections: refusing generated text that is not exactly one statement: {sql}");
+    }
     Spi::connect_mut(|c| {
         c.update(sql, None, &[]).unwrap_or_else(|e| error!("event_projections: {sql}: {e}"));
     });
@@ -431,27 +497,51 @@ pub fn step_inline(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
     }
 }
 
-/// The tables of a schema, qualified and quoted.
-fn tables_of(schema: &str) -> Vec<String> {
+/// A table of a read model.
+struct Table {
+    oid: pg_sys::Oid,
+    /// The table's name, unquoted.
+    name: String,
+}
+
+/// The tables of `schema` that `owner` owns (or whose owner's privileges it has): what a rebuild
+/// may empty, copy or lock for that owner. Anything else in the schema is left alone.
+fn tables_of(schema: &str, owner: pg_sys::Oid) -> Vec<Table> {
     Spi::connect(|c| {
         c.select(
-            "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c \
+            "SELECT c.oid, c.relname::text FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition ORDER BY c.relname",
+             WHERE n.nspname OPERATOR(pg_catalog.=) $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition \
+               AND pg_catalog.pg_has_role($2, c.relowner, 'USAGE') ORDER BY c.relname",
             None,
-            &[schema.into()],
+            &[schema.into(), owner.into()],
         )
-        .map(|t| t.filter_map(|r| r.get::<String>(1).ok().flatten()).collect())
+        .map(|t| {
+            t.filter_map(|r| {
+                Some(Table { oid: r.get::<pg_sys::Oid>(1).ok().flatten()?, name: r.get::<String>(2).ok().flatten()? })
+            })
+            .collect()
+        })
         .unwrap_or_default()
     })
 }
 
+/// `schema.table`, quoted.
+fn qualified(schema: &str, table: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(table))
+}
+
 /// Empties the tables of the projection's read-model schema, as the projection's owner (emptying
-/// the model is the owner's privilege, not the worker's).
+/// the model is the owner's privilege, not the worker's), after checking that the schema is still
+/// the owner's.
 pub fn truncate_model(p: &Projection) {
-    let tables = tables_of(p.schema.as_deref().unwrap_or_default());
+    if let Err(e) = check_model_schema(p) {
+        crate::pg::error::raise(&e);
+    }
+    let schema = p.schema.as_deref().unwrap_or_default();
+    let tables: Vec<String> = tables_of(schema, p.owner).iter().map(|t| qualified(schema, &t.name)).collect();
     if !tables.is_empty() {
-        catalog::run_as(p.owner, catalog::PINNED_PATH, || ddl(&format!("TRUNCATE {}", tables.join(", "))));
+        sandbox::run_as(p.owner, catalog::PINNED_PATH, || ddl(&format!("TRUNCATE {}", tables.join(", "))));
     }
 }
 
@@ -484,112 +574,121 @@ fn start_blue_green(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
     Progress::Busy
 }
 
+/// Raises unless no schema is called `name`: the extension creates its copies under names nobody
+/// uses, and never drops or takes over a schema it did not create.
+fn require_free_name(name: &str) {
+    if namespace_oid(name) != pg_sys::Oid::INVALID {
+        crate::pg::error::raise(&RebuildError::NameTaken { schema: name.into() });
+    }
+}
+
 /// Creates the build schema (tables copied from the live ones, or made by the setup function)
-/// and marks the rebuild started.
+/// and marks the rebuild started, in one transaction: a crash leaves either nothing or a started
+/// rebuild that knows its copy.
 pub fn create_build_copy(cat: &Catalog, p: &Projection, r: &Rebuild) {
+    if let Err(e) = check_model_schema(p) {
+        crate::pg::error::raise(&e);
+    }
     let live = p.schema.clone().unwrap_or_default();
-    let build = build_schema_name(&live, r.id);
-    let owner = role_name(p.owner);
-    // Creating a schema needs CREATE on the database, which the owner may lack: the worker creates
-    // it for the owner. Everything inside is created as the owner.
+    let build = derived_name(&live, "__ep_build_", r.id);
+    require_free_name(&build);
+    let owner = sandbox::role_name(p.owner).unwrap_or_default();
+    // Creating a schema needs CREATE on the database, which the owner may lack: the extension
+    // creates it for the owner. Everything inside is created, and granted, as the owner.
     catalog::privileged(cat, || {
-        ddl(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(&build)));
-        ddl(&format!("CREATE SCHEMA {} AUTHORIZATION {}", quote_ident(&build), quote_ident(&owner)));
-        copy_grants_schema(&live, &build);
+        ddl(&format!("CREATE SCHEMA {} AUTHORIZATION {}", quote_ident(&build), quote_ident(&owner)))
     });
+    sandbox::run_as(p.owner, catalog::PINNED_PATH, || copy_grants_schema(&live, &build));
     match r.setup {
         // The setup function runs as the owner with the build schema first on its search_path, so
         // an unqualified CREATE TABLE lands in the copy; it also gets the schema's name.
         Some(setup) => {
-            let path = crate::handler::search_path_for(Some(&build), &p.search_path);
-            catalog::run_as(p.owner, &path, || unsafe {
-                pg_sys::OidFunctionCall1Coll(setup, pg_sys::Oid::INVALID, spi::text(&build).unwrap_or(pg_sys::Datum::from(0)));
-            });
+            let path = sandbox::handler_path(Some(&build), &p.search_path);
+            let arg = spi::text(&build).unwrap_or(pg_sys::Datum::from(0));
+            crate::sandbox::handler::call_checked(setup, "setup function", p.owner, &p.name, &path, arg);
         }
         None => {
-            for t in tables_of(&live) {
-                let name = t.rsplit('.').next().unwrap_or_default().to_string();
-                let target = format!("{}.{}", quote_ident(&build), name);
-                catalog::run_as(p.owner, catalog::PINNED_PATH, || {
-                    ddl(&format!("CREATE TABLE {target} (LIKE {t} INCLUDING ALL)"))
+            for t in tables_of(&live, p.owner) {
+                let (from, to) = (qualified(&live, &t.name), qualified(&build, &t.name));
+                sandbox::run_as(p.owner, catalog::PINNED_PATH, || {
+                    ddl(&format!("CREATE TABLE {to} (LIKE {from} INCLUDING ALL)"));
+                    copy_grants_table(t.oid, &build, &t.name);
                 });
-                catalog::privileged(cat, || copy_grants_table(&t, &target));
             }
         }
     }
     mark_started(cat, r, Some(&build));
 }
 
-fn build_schema_name(live: &str, id: i64) -> String {
-    format!("{live}__ep_build_{id}")
-}
-
-fn prev_schema_name(live: &str, id: i64) -> String {
-    format!("{live}__ep_prev_{id}")
-}
-
-fn role_name(role: pg_sys::Oid) -> String {
-    unsafe {
-        let p = pg_sys::GetUserNameFromId(role, false);
-        std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+/// `<live><suffix><id>`, shortened so that it fits in a name (63 bytes): the live name is cut, at
+/// a character boundary, never the suffix and id, so two rebuilds never derive the same name and
+/// PostgreSQL never truncates one into another (a name that is taken anyway is refused).
+pub fn derived_name(live: &str, suffix: &str, id: i64) -> String {
+    const NAME_BYTES: usize = 63;
+    let tail = format!("{suffix}{id}");
+    let mut cut = NAME_BYTES.saturating_sub(tail.len()).min(live.len());
+    while !live.is_char_boundary(cut) {
+        cut -= 1;
     }
+    format!("{}{tail}", &live[..cut])
 }
 
-fn grants(sql: &str, arg: &str) -> Vec<String> {
-    Spi::connect(|c| {
-        c.select(sql, None, &[arg.into()])
-            .map(|t| t.filter_map(|r| r.get::<String>(1).ok().flatten()).collect())
+/// The privileges of the rows of `acl_sql` (privilege, grantee, grantable), as GRANT statements on
+/// `object` (already quoted), run one by one. Grantee names are quoted by `format('%I')`.
+fn copy_grants(acl_sql: &str, arg: pg_sys::Oid, object: &str) {
+    let grants: Vec<(String, String, bool)> = Spi::connect(|c| {
+        c.select(acl_sql, None, &[arg.into()])
+            .map(|t| {
+                t.filter_map(|r| {
+                    Some((
+                        r.get::<String>(1).ok().flatten()?,
+                        r.get::<String>(2).ok().flatten()?,
+                        r.get::<bool>(3).ok().flatten()?,
+                    ))
+                })
+                .collect()
+            })
             .unwrap_or_default()
-    })
+    });
+    for (privilege, grantee, grantable) in grants {
+        if !privilege.bytes().all(|b| b.is_ascii_uppercase() || b == b' ') {
+            continue; // aclexplode yields SQL keywords only; anything else is not ours to paste
+        }
+        let option = if grantable { " WITH GRANT OPTION" } else { "" };
+        ddl(&format!("GRANT {privilege} ON {object} TO {grantee}{option}"));
+    }
 }
 
-/// Readers keep their privileges across the switch: the copy gets the live tables' grants.
-fn copy_grants_table(from: &str, to: &str) {
-    let stmts = grants(
-        &format!(
-            "SELECT pg_catalog.format('GRANT %s ON TABLE {to} TO %s', a.privilege_type, \
-                    CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END) \
-             FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a \
-             WHERE c.oid = $1::regclass AND a.grantee <> c.relowner"
-        ),
+/// Readers keep their privileges across the switch: the copy gets the live table's grants.
+fn copy_grants_table(from: pg_sys::Oid, schema: &str, table: &str) {
+    copy_grants(
+        "SELECT a.privilege_type, CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC' \
+                ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END, a.is_grantable \
+         FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a \
+         WHERE c.oid OPERATOR(pg_catalog.=) $1 AND a.grantee OPERATOR(pg_catalog.<>) c.relowner",
         from,
+        &format!("TABLE {}", qualified(schema, table)),
     );
-    for s in stmts {
-        ddl(&s);
-    }
 }
 
 fn copy_grants_schema(from: &str, to: &str) {
-    let stmts = grants(
-        &format!(
-            "SELECT pg_catalog.format('GRANT %s ON SCHEMA {} TO %s', a.privilege_type, \
-                    CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END) \
-             FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a \
-             WHERE n.nspname = $1 AND a.grantee <> n.nspowner",
-            quote_ident(to)
-        ),
-        from,
+    copy_grants(
+        "SELECT a.privilege_type, CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC' \
+                ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END, a.is_grantable \
+         FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a \
+         WHERE n.oid OPERATOR(pg_catalog.=) $1 AND a.grantee OPERATOR(pg_catalog.<>) n.nspowner",
+        namespace_oid(from),
+        &format!("SCHEMA {}", quote_ident(to)),
     );
-    for s in stmts {
-        ddl(&s);
-    }
 }
 
 /// The handler a rebuild runs: the new version if one was given, against the build copy for
 /// blue-green, against the live tables for in-place.
-fn rebuild_handler(p: &Projection, r: &Rebuild) -> crate::handler::Handler {
+fn rebuild_handler(p: &Projection, r: &Rebuild) -> crate::sandbox::handler::Handler {
     match r.strategy {
         Strategy::InPlace => p.live_handler(),
         Strategy::BlueGreen => p.handler_for(r.new_handler.unwrap_or(p.handler), r.build_schema.as_deref()),
     }
-}
-
-/// The distance to the head, in positions, at which a replay hands off: what the hand-off then
-/// catches up under its exclusive lock while appends to the projection wait. A twentieth of a
-/// batch, at most 50 positions, so that a large `batch_size` (chosen for fast batch-handler
-/// replays) does not lengthen the stall.
-pub fn handoff_threshold(batch: i64) -> i64 {
-    (batch / 20).clamp(1, 50)
 }
 
 /// R1..Rk / B1..Bk, and the hand-off Rf / Bf once the replay is within a twentieth of a batch of the head, or
@@ -606,7 +705,7 @@ fn replay_or_handoff(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
     // Hand off only when the catch-up under the lock is small: appends to this projection wait
     // for it. Each replay step takes the distance that built up during the previous one, so the
     // gap shrinks to what arrives during one short step.
-    if gap > handoff_threshold(batch) && gaining {
+    if gap > replay::handoff_threshold(batch) && gaining {
         let a = replay::apply(&h, p.filter(), cat.events_type, r.checkpoint, hw, batch, Snap::Fresh);
         let checkpoint = a.through;
         exec_priv(cat, &ADVANCE, &[r.id.into_datum(), spi::int8(checkpoint), spi::int8(a.events), spi::int8(gap)]);
@@ -616,7 +715,7 @@ fn replay_or_handoff(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
 }
 
 /// Rf / Bf: under the exclusive lock, every visible event above the checkpoint, then the switch.
-fn handoff_final(cat: &Catalog, p: &Projection, r: &Rebuild, h: &crate::handler::Handler) -> Progress {
+fn handoff_final(cat: &Catalog, p: &Projection, r: &Rebuild, h: &crate::sandbox::handler::Handler) -> Progress {
     lock_for_handoff(p);
     // Statements from here on take their snapshots after the lock was granted (READ COMMITTED).
     let head = highwater::last_value();
@@ -636,7 +735,11 @@ fn handoff_final(cat: &Catalog, p: &Projection, r: &Rebuild, h: &crate::handler:
                                  batch = COALESCE($3, batch), generation = generation + 1 WHERE id = $1",
                     types: &[pg_sys::INT4OID, pg_sys::OIDOID, pg_sys::BOOLOID],
                 },
-                &[p.id.into_datum(), r.new_handler.into_datum(), r.new_handler.and_then(registry::takes_batch).into_datum()],
+                &[
+                    p.id.into_datum(),
+                    r.new_handler.into_datum(),
+                    r.new_handler.and_then(registry::takes_batch).into_datum(),
+                ],
             );
             previous = Some(prev);
         }
@@ -650,33 +753,56 @@ fn handoff_final(cat: &Catalog, p: &Projection, r: &Rebuild, h: &crate::handler:
 /// build schema takes its name. Returns the previous copy's name.
 pub fn switch_schemas(cat: &Catalog, p: &Projection, r: &Rebuild) -> String {
     let live = p.schema.clone().unwrap_or_default();
-    let build = r.build_schema.clone().unwrap_or_else(|| build_schema_name(&live, r.id));
-    let prev = prev_schema_name(&live, r.id);
-    let mut tables = tables_of(&live);
-    tables.extend(tables_of(&build));
+    let build = r.build_schema.clone().unwrap_or_else(|| derived_name(&live, "__ep_build_", r.id));
+    let prev = derived_name(&live, "__ep_prev_", r.id);
+    // Both copies are the owner's (checked again: this is the step that renames them), and the
+    // name for the previous copy is free (never dropped to make room).
+    for schema in [&live, &build] {
+        let nsp = namespace_oid(schema);
+        let owned = if nsp == pg_sys::Oid::INVALID {
+            Err(RegistryError::NoSchema(schema.clone()))
+        } else {
+            registry::check_schema_owner(nsp, schema, p.owner)
+        };
+        if let Err(e) = owned {
+            crate::pg::error::raise(&e);
+        }
+    }
+    require_free_name(&prev);
+    let mut tables: Vec<String> = tables_of(&live, p.owner).iter().map(|t| qualified(&live, &t.name)).collect();
+    tables.extend(tables_of(&build, p.owner).iter().map(|t| qualified(&build, &t.name)));
     handoff::set_local_lock_timeout(settings::handoff_lock_timeout_ms());
+    // Renaming a schema needs CREATE on the database, which the owner may lack: done by the
+    // extension, on the two schemas just checked to be the owner's.
     catalog::privileged(cat, || {
         // Readers in the middle of a statement on either copy finish first (within the lock
         // timeout); statements that start later resolve the names after the switch commits.
         if !tables.is_empty() {
             ddl(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", tables.join(", ")));
         }
-        ddl(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(&prev)));
         ddl(&format!("ALTER SCHEMA {} RENAME TO {}", quote_ident(&live), quote_ident(&prev)));
         ddl(&format!("ALTER SCHEMA {} RENAME TO {}", quote_ident(&build), quote_ident(&live)));
-        // The copy replaces the relations; routines (the handler often lives here) stay in the
-        // live schema, so dropping the previous copy never drops them.
-        for stmt in grants(
-            &format!(
-                "SELECT pg_catalog.format('ALTER ROUTINE %s SET SCHEMA %I', p.oid::regprocedure, {live_lit}) \
-                 FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
-                 WHERE n.nspname = $1 AND NOT EXISTS ( \
-                     SELECT 1 FROM pg_catalog.pg_proc q JOIN pg_catalog.pg_namespace m ON m.oid = q.pronamespace \
-                      WHERE m.nspname = {live_lit} AND q.proname = p.proname AND q.proargtypes = p.proargtypes)",
-                live_lit = pgrx::spi::quote_literal(&live)
-            ),
-            &prev,
-        ) {
+    });
+    // The copy replaces the relations; the owner's routines (the handler often lives here) stay
+    // in the live schema, so dropping the previous copy never drops them. Moved as the owner.
+    sandbox::run_as(p.owner, catalog::PINNED_PATH, || {
+        let moves: Vec<String> = Spi::connect(|c| {
+            c.select(
+                "SELECT pg_catalog.format('ALTER ROUTINE %I.%I(%s) SET SCHEMA %I', n.nspname, p.proname, \
+                        pg_catalog.pg_get_function_identity_arguments(p.oid), $2) \
+                 FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace \
+                 WHERE n.nspname OPERATOR(pg_catalog.=) $1 AND pg_catalog.pg_has_role($3, p.proowner, 'USAGE') \
+                   AND NOT EXISTS ( \
+                     SELECT 1 FROM pg_catalog.pg_proc q JOIN pg_catalog.pg_namespace m ON m.oid OPERATOR(pg_catalog.=) q.pronamespace \
+                      WHERE m.nspname OPERATOR(pg_catalog.=) $2 AND q.proname OPERATOR(pg_catalog.=) p.proname \
+                        AND q.proargtypes OPERATOR(pg_catalog.=) p.proargtypes)",
+                None,
+                &[prev.as_str().into(), live.as_str().into(), p.owner.into()],
+            )
+            .map(|t| t.filter_map(|r| r.get::<String>(1).ok().flatten()).collect())
+            .unwrap_or_default()
+        });
+        for stmt in moves {
             ddl(&stmt);
         }
     });
@@ -690,11 +816,24 @@ fn cancel_running(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
 }
 
 /// Ends a rebuild that will not complete (cancelled, or failed too often).
-pub fn finish_unsuccessfully(cat: &Catalog, p: &Projection, r: &Rebuild, status: &str, error: Option<&str>) -> Progress {
+pub fn finish_unsuccessfully(
+    cat: &Catalog,
+    p: &Projection,
+    r: &Rebuild,
+    status: &str,
+    error: Option<&str>,
+) -> Progress {
     match r.strategy {
         Strategy::BlueGreen => {
+            // The copy this rebuild created, dropped as its owner; a schema of that name that is
+            // not the owner's any more is left alone.
             if let Some(b) = &r.build_schema {
-                catalog::privileged(cat, || ddl(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(b))));
+                let nsp = namespace_oid(b);
+                if nsp != pg_sys::Oid::INVALID && registry::check_schema_owner(nsp, b, p.owner).is_ok() {
+                    sandbox::run_as(p.owner, catalog::PINNED_PATH, || {
+                        ddl(&format!("DROP SCHEMA {} CASCADE", quote_ident(b)))
+                    });
+                }
             }
         }
         Strategy::InPlace if r.phase != "queued" && p.mode == ProjectionMode::Inline => {
@@ -717,4 +856,26 @@ static RECORD_ATTEMPT: Stmt = Stmt {
 /// Records a failed step; returns the attempts so far.
 pub fn record_failure(cat: &Catalog, r: &Rebuild, error: &str) -> i64 {
     exec_priv(cat, &RECORD_ATTEMPT, &[r.id.into_datum(), spi::text(error)]).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A derived name fits in 63 bytes, is valid UTF-8 (a cut never splits a character), keeps
+        /// the whole suffix and id, and starts with as much of the live name as fits: two rebuilds
+        /// (ids) of one schema never derive the same name.
+        #[test]
+        fn derived_names_fit_and_never_collide(live in "[a-zé\"' .;\\\\]{1,70}", a in 1i64..10_000_000, b in 1i64..10_000_000) {
+            let (x, y) = (derived_name(&live, "__ep_build_", a), derived_name(&live, "__ep_build_", b));
+            prop_assert!(x.len() <= 63, "{} is {} bytes", x, x.len());
+            let suffix = format!("__ep_build_{a}");
+            prop_assert!(x.ends_with(&suffix));
+            prop_assert!(live.starts_with(&x[..x.len() - suffix.len()]));
+            prop_assert_eq!(a == b, x == y);
+            prop_assert_ne!(derived_name(&live, "__ep_prev_", a), x);
+        }
+    }
 }

@@ -1,12 +1,14 @@
 //! The projection registry: registration (a hand-off, DESIGN.md 3.1), unregistration, and the
 //! views of it that appends, rebuilds and the worker read.
 
-use crate::catalog::{self, Catalog};
-use crate::error::{required, required_text, ArgError, SqlError};
-use crate::handler::{self, Handler};
+pub mod status;
+
 use crate::handoff::{self, Mode};
-use crate::replay;
-use crate::spi::{self, Snap, Stmt};
+use crate::pg::catalog::{self, Catalog};
+use crate::pg::error::{required, required_text, ArgError, SqlError};
+use crate::pg::spi::{self, Snap, Stmt};
+use crate::sandbox::handler::Handler;
+use crate::sandbox::replay;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::fmt::Display;
@@ -75,7 +77,7 @@ impl Projection {
             function,
             batch,
             owner: self.owner,
-            search_path: handler::search_path_for(schema, &self.search_path),
+            search_path: crate::sandbox::handler_path(schema, &self.search_path),
         }
     }
 }
@@ -109,21 +111,13 @@ fn row_to_projection(rows: &spi::Rows, i: usize) -> Projection {
     }
 }
 
-static BY_NAME: Stmt = Stmt {
-    sql: with_columns!("SELECT ", " FROM ep.projections WHERE name = $1"),
-    types: &[pg_sys::TEXTOID],
-};
+static BY_NAME: Stmt =
+    Stmt { sql: with_columns!("SELECT ", " FROM ep.projections WHERE name = $1"), types: &[pg_sys::TEXTOID] };
 
-static BY_ID: Stmt = Stmt {
-    sql: with_columns!("SELECT ", " FROM ep.projections WHERE id = $1"),
-    types: &[pg_sys::INT4OID],
-};
+static BY_ID: Stmt =
+    Stmt { sql: with_columns!("SELECT ", " FROM ep.projections WHERE id = $1"), types: &[pg_sys::INT4OID] };
 
-static ALL: Stmt = Stmt {
-    sql: with_columns!("SELECT ", " FROM ep.projections ORDER BY id"),
-    types: &[],
-};
-
+static ALL: Stmt = Stmt { sql: with_columns!("SELECT ", " FROM ep.projections ORDER BY id"), types: &[] };
 
 fn collect(rows: &spi::Rows) -> Vec<Projection> {
     (0..rows.len()).map(|i| row_to_projection(rows, i)).collect()
@@ -147,8 +141,12 @@ thread_local! {
 /// epoch unchanged knows no change committed since the view was read (DESIGN.md 2, "The view of
 /// the registry").
 pub fn projections_for_appends(cat: &Catalog) -> (std::rc::Rc<Vec<Projection>>, Option<u64>) {
-    // Without shared memory (not preloaded) there is no epoch to trust: None, never equal.
-    let epoch = crate::inflight::available().then(crate::inflight::registry_epoch);
+    // Without shared memory (not preloaded) there is no epoch to trust: None, never equal. A
+    // transaction that changed the registry itself reads its own uncommitted change, which the
+    // epoch does not show (it moves only at commit) and which a rollback, whole or to a savepoint,
+    // takes back: such a view is never kept, and a kept one is not used (DESIGN.md 2).
+    let trusted = crate::handoff::inflight::available() && !crate::handoff::inflight::registry_changed_here();
+    let epoch = trusted.then(crate::handoff::inflight::registry_epoch);
     if let Some(e) = epoch {
         if let Some(v) = INLINE_VIEW.with(|c| {
             c.borrow().as_ref().filter(|v| v.epoch == e && v.namespace == cat.namespace).map(|v| v.projections.clone())
@@ -158,19 +156,15 @@ pub fn projections_for_appends(cat: &Catalog) -> (std::rc::Rc<Vec<Projection>>, 
     }
     // The epoch is read before the catalog: a change racing with this read leaves a view that is
     // at least as new as its epoch says, and the next call reads again.
-    let projections = std::rc::Rc::new(Spi::connect(|_| collect(&spi::exec(&ALL, &[], Snap::Latest, 0))));
+    let projections = std::rc::Rc::new(catalog::privileged(cat, || {
+        Spi::connect(|_| collect(&spi::exec(&ALL, &[], Snap::Latest, 0)))
+    }));
     if let Some(epoch) = epoch {
         INLINE_VIEW.with(|c| {
             *c.borrow_mut() = Some(InlineView { namespace: cat.namespace, epoch, projections: projections.clone() })
         });
     }
     (projections, epoch)
-}
-
-/// Forgets the kept view (the registry changed in this transaction, which the epoch shows to
-/// others only at commit).
-pub fn forget_inline_view() {
-    INLINE_VIEW.with(|c| *c.borrow_mut() = None);
 }
 
 /// Whether an append of `types` concerns inline projection `p` (A3).
@@ -191,23 +185,28 @@ pub fn subscribes(p: &Projection, types: &[&str]) -> bool {
 
 /// A projection by name, read with a snapshot taken now.
 pub fn by_name(name: &str) -> Option<Projection> {
-    Spi::connect(|_| collect(&spi::exec(&BY_NAME, &[spi::text(name)], Snap::Latest, 0)).into_iter().next())
+    catalog::read(|| {
+        Spi::connect(|_| collect(&spi::exec(&BY_NAME, &[spi::text(name)], Snap::Latest, 0)).into_iter().next())
+    })
 }
 
 /// A projection by id, read with a snapshot taken now.
 pub fn by_id(id: i32) -> Option<Projection> {
-    Spi::connect(|_| collect(&spi::exec(&BY_ID, &[id.into_datum()], Snap::Latest, 0)).into_iter().next())
+    catalog::read(|| {
+        Spi::connect(|_| collect(&spi::exec(&BY_ID, &[id.into_datum()], Snap::Latest, 0)).into_iter().next())
+    })
 }
 
 /// Every projection, read with a snapshot taken now.
 pub fn all() -> Vec<Projection> {
-    Spi::connect(|_| collect(&spi::exec(&ALL, &[], Snap::Latest, 0)))
+    catalog::read(|| Spi::connect(|_| collect(&spi::exec(&ALL, &[], Snap::Latest, 0))))
 }
 
 /// Whether the handler takes `ep.events[]` (Some(true)), `ep.events` (Some(false)), or neither.
 pub fn takes_batch(function: pg_sys::Oid) -> Option<bool> {
     let cat = catalog::lookup()?;
     let (args, _, _, _) = signature(function)?;
+    // SAFETY: a syscache lookup by type OID.
     let events_array = unsafe { pg_sys::get_array_type(cat.events_type) };
     match args.as_slice() {
         [t] if *t == cat.events_type => Some(false),
@@ -245,6 +244,8 @@ pub enum RegistryError {
     NoExecute { handler: String },
     NoSchema(String),
     NoSchemaUsage(String),
+    NotSchemaOwner { schema: String, owner: String },
+    NoLogAccess,
     NotOwner { projection: String },
 }
 
@@ -266,6 +267,11 @@ impl Display for RegistryError {
             RegistryError::NoExecute { handler } => write!(f, "permission denied for function {handler}"),
             RegistryError::NoSchema(s) => write!(f, "schema \"{s}\" does not exist"),
             RegistryError::NoSchemaUsage(s) => write!(f, "permission denied for schema {s}"),
+            RegistryError::NotSchemaOwner { schema, owner } => write!(
+                f,
+                "a projection's read-model schema must be owned by its owner: schema \"{schema}\" is owned by \"{owner}\""
+            ),
+            RegistryError::NoLogAccess => write!(f, "permission denied for table ep.events: a projection's owner must be able to read the log"),
             RegistryError::NotOwner { projection } => {
                 write!(f, "must be the owner of projection \"{projection}\" (or a member of its owner role)")
             }
@@ -281,33 +287,44 @@ impl SqlError for RegistryError {
             RegistryError::Exists(_) => ERRCODE_DUPLICATE_OBJECT,
             RegistryError::Unknown(_) => ERRCODE_UNDEFINED_OBJECT,
             RegistryError::BadHandler { .. } => ERRCODE_INVALID_FUNCTION_DEFINITION,
-            RegistryError::NoExecute { .. } | RegistryError::NoSchemaUsage(_) | RegistryError::NotOwner { .. } => {
-                ERRCODE_INSUFFICIENT_PRIVILEGE
-            }
+            RegistryError::NoExecute { .. }
+            | RegistryError::NoSchemaUsage(_)
+            | RegistryError::NotSchemaOwner { .. }
+            | RegistryError::NoLogAccess
+            | RegistryError::NotOwner { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             RegistryError::NoSchema(_) => ERRCODE_INVALID_SCHEMA_NAME,
         }
     }
     fn hint(&self) -> Option<String> {
         match self {
-            RegistryError::Exists(n) => Some(format!("Choose another name, or SELECT ep_unregister_projection('{n}') first.")),
+            RegistryError::Exists(n) => Some(format!(
+                "Choose another name, or SELECT ep_unregister_projection('{}') first.",
+                n.replace('\'', "''")
+            )),
+            RegistryError::NotSchemaOwner { .. } => Some(
+                "Use a schema you own (CREATE SCHEMA ... AUTHORIZATION you), or register as a member of the schema's owner role.".into(),
+            ),
+            RegistryError::NoLogAccess => Some("GRANT SELECT ON ep.events TO the registering role (README, \"Security\").".into()),
             RegistryError::Unknown(_) => Some("SELECT name FROM ep.projections lists the registered projections.".into()),
             RegistryError::BadHandler { .. } => Some(
                 "A handler is a VOLATILE function (ep.events) RETURNS void, or (ep.events[]) RETURNS void to receive batches.".into(),
             ),
-            RegistryError::NoSchema(s) => Some(format!("CREATE SCHEMA {} and its read-model tables first.", handler::quote_ident(s))),
+            RegistryError::NoSchema(s) => Some(format!("CREATE SCHEMA {} and its read-model tables first.", crate::sandbox::quote_ident(s))),
             _ => None,
         }
     }
 }
 
-/// Checks that `function` can be a handler, returning whether it takes batches.
-pub fn validate_handler(cat: &Catalog, function: pg_sys::Oid, caller: pg_sys::Oid) -> Result<bool, RegistryError> {
-    let name = handler::regprocedure_text(function);
+/// Checks that `function` can be a handler run as `runner` (the projection's owner), returning
+/// whether it takes batches.
+pub fn validate_handler(cat: &Catalog, function: pg_sys::Oid, runner: pg_sys::Oid) -> Result<bool, RegistryError> {
+    let name = catalog::regprocedure_text(function);
     let bad = |problem: &str| RegistryError::BadHandler { handler: name.clone(), problem: problem.into() };
     let (args, ret, volatility, kind) = signature(function).ok_or_else(|| bad("it does not exist"))?;
     if kind != b'f' {
         return Err(bad("it is not a plain function"));
     }
+    // SAFETY: a syscache lookup by type OID.
     let events_array = unsafe { pg_sys::get_array_type(cat.events_type) };
     let batch = match args.as_slice() {
         [t] if *t == cat.events_type => false,
@@ -322,17 +339,36 @@ pub fn validate_handler(cat: &Catalog, function: pg_sys::Oid, caller: pg_sys::Oi
         // hand-off lock was granted, and may not write at all.
         return Err(bad("it must be VOLATILE"));
     }
-    if !catalog::may_execute(caller, function) {
+    refuse_temporary(function, &name)?;
+    if !catalog::may_execute(runner, function) {
         return Err(RegistryError::NoExecute { handler: name });
     }
     Ok(batch)
 }
 
+/// A function in a temporary schema vanishes with its session: it can be no projection's code.
+pub fn refuse_temporary(function: pg_sys::Oid, name: &str) -> Result<(), RegistryError> {
+    // SAFETY: syscache lookups by OID.
+    let temp = unsafe { pg_sys::isAnyTempNamespace(pg_sys::get_func_namespace(function)) };
+    if temp {
+        return Err(RegistryError::BadHandler { handler: name.into(), problem: "it is a temporary function".into() });
+    }
+    Ok(())
+}
+
+/// Checks that `role` may read the log (every projection's code receives its events).
+pub fn validate_log_access(cat: &Catalog, role: pg_sys::Oid) -> Result<(), RegistryError> {
+    if catalog::may_select(role, cat.events_rel) {
+        Ok(())
+    } else {
+        Err(RegistryError::NoLogAccess)
+    }
+}
+
 fn validate_schema(schema: &str, caller: pg_sys::Oid) -> Result<(), RegistryError> {
-    let cname = std::ffi::CString::new(schema).map_err(|_| ArgError::Invalid {
-        arg: "read_model_schema",
-        problem: "contains a NUL byte".into(),
-    })?;
+    let cname = std::ffi::CString::new(schema)
+        .map_err(|_| ArgError::Invalid { arg: "read_model_schema", problem: "contains a NUL byte".into() })?;
+    // SAFETY: a syscache lookup by a NUL-terminated name, missing_ok.
     let nsp = unsafe { pg_sys::get_namespace_oid(cname.as_ptr(), true) };
     if nsp == pg_sys::Oid::INVALID {
         return Err(RegistryError::NoSchema(schema.into()));
@@ -340,7 +376,21 @@ fn validate_schema(schema: &str, caller: pg_sys::Oid) -> Result<(), RegistryErro
     if !catalog::may_use_schema(caller, nsp) {
         return Err(RegistryError::NoSchemaUsage(schema.into()));
     }
-    Ok(())
+    check_schema_owner(nsp, schema, caller)
+}
+
+/// A rebuild empties, copies and renames the read-model schema as the projection's owner: it must
+/// be that owner's (or a role whose privileges the owner has), never someone else's that the owner
+/// may merely use.
+pub fn check_schema_owner(nsp: pg_sys::Oid, schema: &str, owner: pg_sys::Oid) -> Result<(), RegistryError> {
+    let schema_owner = catalog::namespace_owner(nsp);
+    if schema_owner.is_some_and(|o| catalog::acts_for(owner, o)) {
+        return Ok(());
+    }
+    Err(RegistryError::NotSchemaOwner {
+        schema: schema.into(),
+        owner: schema_owner.and_then(crate::sandbox::role_name).unwrap_or_default(),
+    })
 }
 
 fn validate_event_types(types: &Option<Vec<Option<String>>>) -> Result<Option<Vec<String>>, ArgError> {
@@ -365,6 +415,7 @@ fn validate_event_types(types: &Option<Vec<Option<String>>>) -> Result<Option<Ve
 }
 
 fn current_search_path() -> String {
+    // SAFETY: GetConfigOptionByName returns a palloc'd copy of the value (or NULL).
     unsafe {
         let p = pg_sys::GetConfigOptionByName(c"search_path".as_ptr(), std::ptr::null_mut(), false);
         if p.is_null() {
@@ -392,7 +443,7 @@ static INSERT: Stmt = Stmt {
 
 /// The batch size of replays and async delivery (`event_projections.batch_size`).
 pub fn batch_size() -> i64 {
-    crate::settings::batch_size() as i64
+    crate::pg::settings::batch_size() as i64
 }
 
 /// `ep_register_projection`. For an inline projection this is the hand-off G1..G3: the registry
@@ -417,10 +468,11 @@ pub fn register(
         return Err(ArgError::Empty("read_model_schema").into());
     }
     let caller = catalog::current_user();
+    validate_log_access(&cat, caller)?;
     let batch = validate_handler(&cat, function, caller)?;
     if mode == ProjectionMode::Async {
-        if let Err(e) = crate::rebuild::require_worker() {
-            crate::error::raise(&e);
+        if let Err(e) = crate::handoff::inflight::require_worker() {
+            crate::pg::error::raise(&e);
         }
     }
     if let Some(s) = schema {
@@ -453,7 +505,7 @@ pub fn register(
             rows.get(0, 1).unwrap_or(0)
         })
     });
-    crate::inflight::bump_epoch_at_commit();
+    crate::handoff::inflight::bump_epoch_at_commit();
     if mode == ProjectionMode::Inline {
         let p = by_id(id).ok_or_else(|| RegistryError::Unknown(name.into()))?;
         build_for_registration(&cat, &p);
@@ -471,12 +523,12 @@ fn build_for_registration(cat: &Catalog, p: &Projection) {
     let h = p.live_handler();
     let batch = batch_size();
     let mut after = 0;
-    if crate::inflight::available() {
+    if crate::handoff::inflight::available() {
         let mut previous_gap = i64::MAX;
         loop {
-            let hw = crate::highwater::compute();
+            let hw = crate::handoff::highwater::compute();
             let gap = hw - after;
-            if gap <= crate::rebuild::handoff_threshold(batch) || gap >= previous_gap {
+            if gap <= replay::handoff_threshold(batch) || gap >= previous_gap {
                 break;
             }
             previous_gap = gap;
@@ -484,8 +536,8 @@ fn build_for_registration(cat: &Catalog, p: &Projection) {
         }
     }
     // G3. While we wait, appends are held back at most the hand-off lock timeout at a time.
-    handoff::lock_patiently(handoff::REGISTRY, Mode::Exclusive, crate::settings::handoff_lock_timeout_ms());
-    let head = crate::highwater::last_value();
+    handoff::lock_patiently(handoff::REGISTRY, Mode::Exclusive, crate::pg::settings::handoff_lock_timeout_ms());
+    let head = crate::handoff::highwater::last_value();
     replay::apply_all(&h, p.filter(), cat.events_type, after, head, batch, Snap::Latest);
 }
 
@@ -499,7 +551,7 @@ pub fn unregister(name: Option<&str>) -> Result<(), RegistryError> {
     }
     // The registry lock orders this against appends reading the list; the projection lock waits
     // for appends that are running its handler right now.
-    let timeout = crate::settings::handoff_lock_timeout_ms();
+    let timeout = crate::pg::settings::handoff_lock_timeout_ms();
     handoff::lock_patiently(handoff::REGISTRY, Mode::Exclusive, timeout);
     handoff::lock_patiently(p.id as u32, Mode::Exclusive, timeout);
     catalog::privileged(&cat, || {
@@ -516,6 +568,6 @@ pub fn unregister(name: Option<&str>) -> Result<(), RegistryError> {
             );
         })
     });
-    crate::inflight::bump_epoch_at_commit();
+    crate::handoff::inflight::bump_epoch_at_commit();
     Ok(())
 }

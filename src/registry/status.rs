@@ -1,10 +1,10 @@
 //! Whether a projection's read model may be read now: the fail-fast check a query calls so that an
 //! in-place rebuild's window is designed rather than discovered (DESIGN-NOTES, invariant 4).
 
-use crate::error::{required_text, ArgError, SqlError};
 use crate::handoff::{self, CrossedHandoff};
+use crate::pg::error::{required_text, ArgError, SqlError};
+use crate::pg::spi::{self, Snap, Stmt};
 use crate::registry::{self, ProjectionMode, RegistryError};
-use crate::spi::{self, Snap, Stmt};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::fmt::Display;
@@ -75,11 +75,13 @@ pub fn require_ready(name: Option<&str>) -> Result<bool, StatusError> {
         ProjectionMode::Async => p.status == "active",
     };
     if !ready {
-        let progress = Spi::connect(|_| spi::exec(&PROGRESS, &[p.id.into_datum()], Snap::Latest, 0).get::<String>(0, 1));
+        let progress = crate::pg::catalog::read(|| {
+            Spi::connect(|_| spi::exec(&PROGRESS, &[p.id.into_datum()], Snap::Latest, 0).get::<String>(0, 1))
+        });
         return Err(StatusError::NotReady { projection: p.name, status: p.status, progress });
     }
     if handoff::uses_transaction_snapshot() && handoff::first_crossed(&[(p.id, p.generation, &p.name)]).is_some() {
-        crate::error::raise(&CrossedHandoff { projection: p.name });
+        crate::pg::error::raise(&CrossedHandoff { projection: p.name });
     }
     Ok(true)
 }

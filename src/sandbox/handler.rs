@@ -3,7 +3,8 @@
 //! projection's read-model schema first on its search_path followed by the search_path recorded at
 //! registration, and receives `ep.events` values (or one `ep.events[]` per batch).
 
-use crate::catalog;
+use crate::pg::catalog;
+use crate::sandbox;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::RefCell;
@@ -20,60 +21,83 @@ pub struct Handler {
     pub search_path: String,
 }
 
-/// The search_path of a handler whose read model lives in `schema`.
-pub fn search_path_for(schema: Option<&str>, registered_path: &str) -> String {
-    match schema {
-        Some(s) if !registered_path.trim().is_empty() => format!("{}, {}", quote_ident(s), registered_path),
-        Some(s) => quote_ident(s),
-        None => registered_path.to_string(),
-    }
-}
-
-/// Quotes an identifier the way `quote_ident` does.
-pub fn quote_ident(s: &str) -> String {
-    let plain = !s.is_empty()
-        && s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if plain {
-        s.to_string()
-    } else {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    }
-}
-
 thread_local! {
-    // FmgrInfo per function, allocated in TopMemoryContext: languages cache their compiled form
-    // in fn_extra, and fmgr_info's catalog lookups are not repeated per event.
-    static FMGR: RefCell<HashMap<u32, usize>> = RefCell::new(HashMap::new());
+    // FmgrInfo per function, each in a memory context of its own under TopMemoryContext:
+    // languages cache their compiled form in fn_extra, and fmgr_info's catalog lookups are not
+    // repeated per event. Keyed by the function's OID *and* the version of its pg_proc row, so an
+    // entry never outlives the definition it was made from: a CREATE OR REPLACE, committed or
+    // rolled back, gives the row another version and the next call another entry.
+    static FMGR: RefCell<HashMap<u32, Cached>> = RefCell::new(HashMap::new());
+}
+
+struct Cached {
+    version: (u32, u64),
+    cxt: pg_sys::MemoryContext,
+    finfo: *mut pg_sys::FmgrInfo,
+}
+
+/// The version of a function's pg_proc row: its xmin and its tuple id. None when there is none.
+fn proc_version(function: pg_sys::Oid) -> Option<(u32, u64)> {
+    // SAFETY: a syscache lookup; the tuple is only read before ReleaseSysCache.
+    unsafe {
+        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as i32, function.into());
+        if tup.is_null() {
+            return None;
+        }
+        let xmin = pg_sys::HeapTupleHeaderGetXmin((*tup).t_data);
+        let tid = (*tup).t_self;
+        let block = ((tid.ip_blkid.bi_hi as u64) << 16) | tid.ip_blkid.bi_lo as u64;
+        pg_sys::ReleaseSysCache(tup);
+        Some((xmin.into_inner(), (block << 16) | tid.ip_posid as u64))
+    }
 }
 
 fn fmgr_for(function: pg_sys::Oid) -> *mut pg_sys::FmgrInfo {
-    if let Some(p) = FMGR.with(|m| m.borrow().get(&function.to_u32()).copied()) {
-        return p as *mut pg_sys::FmgrInfo;
+    let version = proc_version(function).unwrap_or_default();
+    let key = function.to_u32();
+    if let Some(p) = FMGR.with(|m| m.borrow().get(&key).filter(|c| c.version == version).map(|c| c.finfo)) {
+        return p;
     }
+    forget(function);
+    // SAFETY: a new memory context under TopMemoryContext holds the FmgrInfo and whatever the
+    // language keeps in fn_extra; fmgr_info_cxt fills it (and raises if the function is gone,
+    // which may_run has checked just before).
     unsafe {
-        let finfo = pg_sys::MemoryContextAllocZero(
+        let cxt = pg_sys::AllocSetContextCreateExtended(
             pg_sys::TopMemoryContext,
-            std::mem::size_of::<pg_sys::FmgrInfo>(),
-        ) as *mut pg_sys::FmgrInfo;
-        pg_sys::fmgr_info_cxt(function, finfo, pg_sys::TopMemoryContext);
-        FMGR.with(|m| m.borrow_mut().insert(function.to_u32(), finfo as usize));
+            c"event_projections handler".as_ptr(),
+            pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+            pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+            pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+        );
+        let finfo =
+            pg_sys::MemoryContextAllocZero(cxt, std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
+        pg_sys::fmgr_info_cxt(function, finfo, cxt);
+        FMGR.with(|m| m.borrow_mut().insert(key, Cached { version, cxt, finfo }));
         finfo
     }
 }
 
-/// Forgets a cached FmgrInfo (after a handler error, in case the function was dropped or replaced).
+/// Forgets a cached FmgrInfo (replaced, or after a handler error).
 fn forget(function: pg_sys::Oid) {
-    if let Some(p) = FMGR.with(|m| m.borrow_mut().remove(&function.to_u32())) {
-        unsafe { pg_sys::pfree(p as *mut std::ffi::c_void) };
+    if let Some(c) = FMGR.with(|m| m.borrow_mut().remove(&function.to_u32())) {
+        // SAFETY: the context was made by fmgr_for and nothing else points into it once the
+        // entry is gone (a call in progress holds no entry: forget runs between calls).
+        unsafe { pg_sys::MemoryContextDelete(c.cxt) };
     }
 }
 
 /// Calls a one-argument function and ignores its result. Unlike `FunctionCall1Coll`, a NULL
 /// result is fine: a `RETURNS void` SQL function returns NULL.
-unsafe fn call1(finfo: *mut pg_sys::FmgrInfo, arg: pg_sys::Datum) {
+///
+/// # Safety
+/// `finfo` must come from `fmgr_for` for a function taking one argument of `arg`'s type.
+pub unsafe fn call1(finfo: *mut pg_sys::FmgrInfo, arg: pg_sys::Datum) {
+    // SAFETY: a FunctionCallInfo with room for one argument, as fmgr.h's LOCAL_FCINFO makes one;
+    // the caller guarantees the function and the argument's type.
     unsafe {
-        let size = std::mem::size_of::<pg_sys::FunctionCallInfoBaseData>() + std::mem::size_of::<pg_sys::NullableDatum>();
+        let size =
+            std::mem::size_of::<pg_sys::FunctionCallInfoBaseData>() + std::mem::size_of::<pg_sys::NullableDatum>();
         let fcinfo = pg_sys::palloc0(size) as *mut pg_sys::FunctionCallInfoBaseData;
         (*fcinfo).flinfo = finfo;
         (*fcinfo).fncollation = pg_sys::Oid::INVALID;
@@ -87,6 +111,26 @@ unsafe fn call1(finfo: *mut pg_sys::FmgrInfo, arg: pg_sys::Datum) {
     }
 }
 
+/// Calls `function` with `arg` as user code of `projection`: checked (`sandbox::may_run`), as
+/// `owner` with `search_path`, in the sandbox, with the worker's timeout.
+pub fn call_checked(
+    function: pg_sys::Oid,
+    what: &str,
+    owner: pg_sys::Oid,
+    projection: &str,
+    search_path: &str,
+    arg: pg_sys::Datum,
+) {
+    if let Err(e) = sandbox::may_run(function, what, owner, projection) {
+        crate::pg::error::raise(&e);
+    }
+    sandbox::run_as(owner, search_path, || {
+        let finfo = fmgr_for(function);
+        // SAFETY: the function was checked to exist; the caller passes the argument it takes.
+        sandbox::with_timeout(|| unsafe { call1(finfo, arg) });
+    });
+}
+
 impl Handler {
     /// Calls the handler with each of `args` in order (`ep.events` values, or one `ep.events[]`
     /// per call for batch handlers), under the owner's role and search_path, set once for all of
@@ -94,14 +138,19 @@ impl Handler {
     /// message. A handler error is raised again with the projection named and its SQLSTATE kept.
     pub fn call_all(&self, args: &[pg_sys::Datum], mut before: impl FnMut(usize), what: impl Fn(usize) -> String) {
         let function = self.function;
+        if let Err(e) = sandbox::may_run(function, "handler", self.owner, &self.projection) {
+            crate::pg::error::raise(&e);
+        }
         let current = std::cell::Cell::new(0usize);
         let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
-            catalog::run_as(self.owner, &self.search_path, || unsafe {
+            sandbox::run_as(self.owner, &self.search_path, || {
                 let finfo = fmgr_for(function);
                 for (i, arg) in args.iter().enumerate() {
                     current.set(i);
                     before(i);
-                    call1(finfo, *arg);
+                    // SAFETY: fmgr_for made `finfo` for the handler, which takes `ep.events` (or
+                    // `ep.events[]` for a batch handler, and then `args` are arrays).
+                    sandbox::with_timeout(|| unsafe { call1(finfo, *arg) });
                 }
             });
             None
@@ -120,11 +169,23 @@ impl Handler {
                     r.hint().map(str::to_string),
                 ),
             };
+            if sandbox::take_timed_out() {
+                let report = pg_sys::panic::ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+                    format!(
+                        "projection \"{}\" failed on {}: its handler ran longer than event_projections.handler_timeout ({} ms)",
+                        self.projection,
+                        what(current.get()),
+                        crate::pg::settings::handler_timeout_ms()
+                    ),
+                    "event_projections",
+                )
+                .set_detail(format!("The handler {} was cancelled.", catalog::regprocedure_text(function)))
+                .set_hint("Fix the handler, or raise event_projections.handler_timeout; then ep_retry_projection or ep_rebuild.");
+                report.report(PgLogLevel::ERROR);
+            }
             // Query cancels and shutdowns must stay what they are.
-            if matches!(
-                code,
-                PgSqlErrorCode::ERRCODE_QUERY_CANCELED | PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN
-            ) {
+            if matches!(code, PgSqlErrorCode::ERRCODE_QUERY_CANCELED | PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN) {
                 e.rethrow();
             }
             let mut report = pg_sys::panic::ErrorReport::new(
@@ -132,9 +193,10 @@ impl Handler {
                 format!("projection \"{}\" failed on {}: {}", self.projection, what(current.get()), message),
                 "event_projections",
             );
-            report = report.set_detail(detail.unwrap_or_else(|| {
-                format!("The handler {} raised the error.", regprocedure_text(function))
-            }));
+            report =
+                report.set_detail(detail.unwrap_or_else(|| {
+                    format!("The handler {} raised the error.", catalog::regprocedure_text(function))
+                }));
             if let Some(h) = hint {
                 report = report.set_hint(h);
             }
@@ -145,15 +207,5 @@ impl Handler {
     /// Calls the handler once with `arg`.
     pub fn call(&self, arg: pg_sys::Datum, what: &dyn Fn() -> String) {
         self.call_all(&[arg], |_| {}, |_| what());
-    }
-}
-
-/// `func::regprocedure::text`, for messages.
-pub fn regprocedure_text(function: pg_sys::Oid) -> String {
-    unsafe {
-        let p = pg_sys::format_procedure(function);
-        let s = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
-        pg_sys::pfree(p as *mut std::ffi::c_void);
-        s
     }
 }

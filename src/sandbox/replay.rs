@@ -4,8 +4,8 @@
 //! Global order implies stream order: a stream's writers are serialized by its row in ep.streams
 //! and take their positions while holding it.
 
-use crate::handler::Handler;
-use crate::spi::{self, Snap, Stmt};
+use crate::pg::spi::{self, Snap, Stmt};
+use crate::sandbox::handler::Handler;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -39,6 +39,14 @@ pub struct Applied {
     pub through: i64,
     /// True when `through` reached the end of the requested range.
     pub done: bool,
+}
+
+/// The distance to the head, in positions, at which a replay hands off: what the hand-off then
+/// catches up under its exclusive lock while appends to the projection wait. A twentieth of a
+/// batch, at most 50 positions, so that a large `batch_size` (chosen for fast batch-handler
+/// replays) does not lengthen the stall.
+pub fn handoff_threshold(batch: i64) -> i64 {
+    (batch / 20).clamp(1, 50)
 }
 
 /// How many positions one call scans at most, in batches: a projection of a rare event type
@@ -86,17 +94,16 @@ pub fn apply(
     limit: i64,
     snap: Snap,
 ) -> Applied {
-    let bound = up_to.min(after.saturating_add(limit.saturating_mul(SCAN_BATCHES)));
+    let bound = scan_bound(after, up_to, limit);
     Spi::connect(|_| {
         let types = filter.types.and_then(|t| t.clone().into_datum());
         let skip = filter.skip.filter(|s| !s.is_empty()).and_then(|s| s.clone().into_datum());
-        let rows = spi::exec(&RANGE, &[spi::int8(after), spi::int8(bound), types, spi::int8(limit), skip], snap, 0);
+        let rows = crate::pg::catalog::read(|| {
+            spi::exec(&RANGE, &[spi::int8(after), spi::int8(bound), types, spi::int8(limit), skip], snap, 0)
+        });
         let n = rows.len();
-        // Fewer than `limit` matched: everything up to the bound is done. Otherwise up to the last.
-        let full = n as i64 >= limit;
-        let mut applied = Applied { events: n as i64, through: bound, done: !full && bound >= up_to };
         if n == 0 {
-            return applied;
+            return progress(bound, up_to, limit, 0, after);
         }
         if handler.batch {
             let mut datums = Vec::with_capacity(n);
@@ -108,17 +115,73 @@ pub fn apply(
             let arr = spi::composite_array(&datums, events_type);
             ATTEMPTED.with(|c| c.set(first));
             handler.call(arr, &|| format!("events {first}..{last}"));
-            if full {
-                applied.through = last;
-            }
+            progress(bound, up_to, limit, n, last)
         } else {
-            let events: Vec<pg_sys::Datum> = (0..n).map(|i| rows.datum(i, 1).expect("event row is never NULL")).collect();
+            let events: Vec<pg_sys::Datum> =
+                (0..n).map(|i| rows.datum(i, 1).expect("event row is never NULL")).collect();
             let positions: Vec<i64> = (0..n).map(|i| rows.get(i, 2).unwrap_or(after)).collect();
-            handler.call_all(&events, |i| ATTEMPTED.with(|c| c.set(positions[i])), |i| format!("event {}", positions[i]));
-            if full {
-                applied.through = positions[n - 1];
-            }
+            handler.call_all(
+                &events,
+                |i| ATTEMPTED.with(|c| c.set(positions[i])),
+                |i| format!("event {}", positions[i]),
+            );
+            progress(bound, up_to, limit, n, positions[n - 1])
         }
-        applied
     })
+}
+
+/// The last position one `apply` call reads: at most `limit * SCAN_BATCHES` positions past
+/// `after`, and never past `up_to`.
+pub fn scan_bound(after: i64, up_to: i64, limit: i64) -> i64 {
+    up_to.min(after.saturating_add(limit.saturating_mul(SCAN_BATCHES)))
+}
+
+/// What an `apply` call that read up to `bound` and got `n` events (the last at `last`) did:
+/// fewer than `limit` matched, so everything up to the bound is done; or the batch was full, and
+/// only up to its last event is.
+pub fn progress(bound: i64, up_to: i64, limit: i64, n: usize, last: i64) -> Applied {
+    let full = n as i64 >= limit;
+    Applied { events: n as i64, through: if full { last } else { bound }, done: !full && bound >= up_to }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Splitting a range into `apply` calls over any log (a set of positions, each matching
+        /// the filter or not) visits every matching position exactly once, in order, in batches
+        /// of at most `limit`, and ends exactly at `up_to`: what a replay's checkpoints rely on.
+        #[test]
+        fn batches_cover_the_range_once(
+            after in 0i64..50,
+            len in 0i64..400,
+            limit in 1i64..20,
+            log in proptest::collection::btree_set(0i64..500, 0..200),
+        ) {
+            let up_to = after + len;
+            let mut through = after;
+            let mut seen = Vec::new();
+            for _ in 0..10_000 {
+                let bound = scan_bound(through, up_to, limit);
+                prop_assert!(bound <= up_to && bound > through || through == up_to);
+                let rows: Vec<i64> = if bound > through {
+                    log.range(through + 1..=bound).copied().take(limit as usize).collect()
+                } else {
+                    Vec::new()
+                };
+                let a = progress(bound, up_to, limit, rows.len(), rows.last().copied().unwrap_or(through));
+                prop_assert!(a.through > through || (a.done && through == up_to));
+                seen.extend(rows);
+                through = a.through;
+                if a.done {
+                    break;
+                }
+            }
+            let expected: Vec<i64> = log.range(after + 1..up_to + 1).copied().collect();
+            prop_assert_eq!(through, up_to);
+            prop_assert_eq!(seen, expected);
+        }
+    }
 }

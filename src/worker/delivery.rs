@@ -3,14 +3,16 @@
 //! event's effects commit exactly once. Also the async forms of the two rebuild strategies, and
 //! the calls that resume a stopped projection.
 
-use crate::catalog::{self, Catalog};
-use crate::error::{required, required_text, ArgError, SqlError};
-use crate::handler::Handler;
+use crate::handoff::highwater;
+use crate::handoff::inflight;
+use crate::pg::catalog::{self, Catalog};
+use crate::pg::error::{required, required_text, ArgError, SqlError};
+use crate::pg::settings;
+use crate::pg::spi::{self, Snap, Stmt};
 use crate::rebuild::{self, Progress, Rebuild, Strategy};
 use crate::registry::{self, Projection, ProjectionMode, RegistryError};
-use crate::replay::{self, Filter};
-use crate::spi::{self, Snap, Stmt};
-use crate::{highwater, inflight, settings};
+use crate::sandbox::handler::Handler;
+use crate::sandbox::replay::{self, Filter};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::fmt::Display;
@@ -33,14 +35,16 @@ static STATE: Stmt = Stmt {
 };
 
 fn state(id: i32) -> State {
-    Spi::connect(|_| {
-        let r = spi::exec(&STATE, &[id.into_datum()], Snap::Fresh, 0);
-        State {
-            attempts: r.get(0, 1).unwrap_or(0),
-            failing_position: r.get(0, 2),
-            since_error_ms: r.get::<pgrx::AnyNumeric>(0, 3).map(|n| f64::try_from(n).unwrap_or(0.0)),
-            skipped: r.get::<Vec<i64>>(0, 4).unwrap_or_default(),
-        }
+    crate::pg::catalog::read(|| {
+        Spi::connect(|_| {
+            let r = spi::exec(&STATE, &[id.into_datum()], Snap::Fresh, 0);
+            State {
+                attempts: r.get(0, 1).unwrap_or(0),
+                failing_position: r.get(0, 2),
+                since_error_ms: r.get::<pgrx::AnyNumeric>(0, 3).map(|n| f64::try_from(n).unwrap_or(0.0)),
+                skipped: r.get::<Vec<i64>>(0, 4).unwrap_or_default(),
+            }
+        })
     })
 }
 
@@ -212,10 +216,17 @@ static COUNT: Stmt = Stmt {
 };
 
 fn replay_count(p: &Projection, from: i64, to: i64) -> i64 {
-    Spi::connect(|_| {
-        spi::exec(&COUNT, &[spi::int8(from), spi::int8(to), p.event_types.clone().and_then(|t| t.into_datum())], Snap::Fresh, 0)
+    crate::pg::catalog::read(|| {
+        Spi::connect(|_| {
+            spi::exec(
+                &COUNT,
+                &[spi::int8(from), spi::int8(to), p.event_types.clone().and_then(|t| t.into_datum())],
+                Snap::Fresh,
+                0,
+            )
             .get(0, 1)
             .unwrap_or(0)
+        })
     })
 }
 
@@ -228,8 +239,8 @@ static FAILURE: Stmt = Stmt {
 };
 
 /// Records a failed delivery of async projection `p` at `position`.
-pub fn record_failure(cat: &Catalog, p: &Projection, error: &str, position: i64) {
-    let max = settings::max_attempts();
+pub fn record_failure(cat: &Catalog, p: &Projection, error: &str, position: i64, stop: bool) {
+    let max = if stop { 1 } else { settings::max_attempts() };
     exec(cat, &FAILURE, &[p.id.into_datum(), spi::text(error), spi::int8(position), max.into_datum()]);
     inflight::bump_epoch_at_commit();
 }
@@ -259,10 +270,9 @@ impl Display for DeliveryError {
             DeliveryError::Arg(e) => e.fmt(f),
             DeliveryError::Registry(e) => e.fmt(f),
             DeliveryError::NotAsync(n) => write!(f, "projection \"{n}\" is not an async projection"),
-            DeliveryError::NotFailing { projection, position } => write!(
-                f,
-                "event {position} is not the event projection \"{projection}\" is failing on"
-            ),
+            DeliveryError::NotFailing { projection, position } => {
+                write!(f, "event {position} is not the event projection \"{projection}\" is failing on")
+            }
         }
     }
 }
@@ -339,7 +349,11 @@ pub fn skip(name: Option<&str>, position: Option<i64>) -> Result<(), DeliveryErr
 
 /// `ep_wait_for`: read-your-writes. True once every event up to `position` has been applied to
 /// the projection (at once for an active inline projection), false after `timeout`.
-pub fn wait_for(name: Option<&str>, position: Option<i64>, timeout: Option<pgrx::datum::Interval>) -> Result<bool, DeliveryError> {
+pub fn wait_for(
+    name: Option<&str>,
+    position: Option<i64>,
+    timeout: Option<pgrx::datum::Interval>,
+) -> Result<bool, DeliveryError> {
     let name = required_text(name, "projection")?;
     let position = required(position, "global_position")?;
     let timeout = required(timeout, "timeout")?;
@@ -357,6 +371,6 @@ pub fn wait_for(name: Option<&str>, position: Option<i64>, timeout: Option<pgrx:
         if start.elapsed().as_micros() as i64 >= micros {
             return Ok(false);
         }
-        crate::backend::sleep_ms(2);
+        crate::pg::backend::sleep_ms(2);
     }
 }

@@ -6,10 +6,15 @@
 //! so it never blocks `DROP EXTENSION`; it notices the extension appearing, disappearing and being
 //! created again, and idles meanwhile.
 
-use crate::catalog::{self, Catalog};
+pub mod delivery;
+
+use crate::handoff;
+use crate::handoff::inflight;
+use crate::pg::catalog;
+use crate::pg::settings;
 use crate::rebuild::{self, Progress};
 use crate::registry::{self, Projection, ProjectionMode};
-use crate::{delivery, handoff, inflight, replay, settings};
+use crate::sandbox::replay;
 use pgrx::bgworkers::BackgroundWorkerBuilder;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -46,13 +51,21 @@ const WORKER_LOCK_TIMEOUT_MS: i32 = 200;
 enum Outcome {
     Progress(Progress),
     Idle,
-    Failed { message: String, position: i64 },
+    /// `stop`: do not retry (the code ran past the handler timeout).
+    Failed {
+        message: String,
+        position: i64,
+        stop: bool,
+    },
 }
 
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
+    // SAFETY: the postmaster passes the Int32 datum set by register().
     let index = unsafe { i32::from_datum(arg, false) }.unwrap_or(0) as usize;
+    // SAFETY: installs PostgreSQL's own signal handlers before signals are unblocked, as every
+    // background worker does.
     unsafe {
         // SIGTERM: the standard `die`, so CHECK_FOR_INTERRUPTS ends even a long handler cleanly.
         pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(signals::SignalHandlerForConfigReload));
@@ -62,6 +75,8 @@ pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
     let database = settings::database();
     // A missing database is a FATAL here; the postmaster starts the worker again after 5 s.
     pgrx::bgworkers::BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // SAFETY: settings of this worker's session, set once after connecting, with NUL-terminated
+    // names and values.
     unsafe {
         // The setting (not only the pg_stat_activity field), so that handlers can tell too.
         let name = std::ffi::CString::new(format!("event_projections worker {}", index + 1)).expect("no NUL");
@@ -75,11 +90,35 @@ pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
         // The worker's statements are short and planned once; JIT would only add a compiler's
         // worth of memory to the process the first time a count over a large log crosses
         // jit_above_cost (the benchmark saw the worker grow by 10 MiB that way).
-        pg_sys::SetConfigOption(c"jit".as_ptr(), c"off".as_ptr(), pg_sys::GucContext::PGC_USERSET, pg_sys::GucSource::PGC_S_SESSION);
+        pg_sys::SetConfigOption(
+            c"jit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+        // The worker's own SQL resolves names in pg_catalog only (user code runs in the sandbox,
+        // which sets its own path and undoes every setting it changes).
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
     }
+    crate::sandbox::init_worker_timeouts();
     inflight::register_worker(index);
+    if let Some(id) = inflight::take_timed_out(index) {
+        let message = format!(
+            "its code ran longer than event_projections.handler_timeout ({} ms) and went on after being cancelled, so the worker process was ended",
+            settings::handler_timeout_ms()
+        );
+        let _ = in_transaction("event_projections: recording a failure", || {
+            record_failure(id, &message, replay::last_attempted(), true)
+        });
+    }
     log!("event_projections worker {} serving database \"{}\"", index + 1, database);
 
+    // SAFETY: a memory context under TopMemoryContext, for the life of the process.
     let worker_cxt = unsafe {
         pg_sys::AllocSetContextCreateExtended(
             pg_sys::TopMemoryContext,
@@ -92,6 +131,9 @@ pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
     let mut round: usize = 0;
     loop {
         pgrx::check_for_interrupts!();
+        // SAFETY: the reload flag set by SignalHandlerForConfigReload, handled as PostgreSQL's own
+        // processes do; the context switch and reset are of this worker's own context, between
+        // transactions (nothing of a transaction lives in it).
         unsafe {
             if pg_sys::ConfigReloadPending != 0 {
                 pg_sys::ConfigReloadPending = 0;
@@ -113,17 +155,21 @@ pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
 }
 
 fn rebuild_sleep(ms: i64) {
+    // SAFETY: reports this process's state; a NULL activity is allowed.
     unsafe {
         pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null());
     }
-    crate::backend::sleep_ms(ms);
+    crate::pg::backend::sleep_ms(ms);
 }
 
 /// Runs `f` in a transaction of its own at READ COMMITTED (the protocol's reads after a lock rely on
 /// a new snapshot per statement). An ERROR rolls it back and comes back as `Err`; FATAL and
 /// shutdown requests are raised again.
 fn in_transaction<R>(activity: &str, f: impl FnOnce() -> R) -> Result<R, (PgSqlErrorCode, String)> {
+    // SAFETY: a plain read of the current memory context.
     let cxt = unsafe { pg_sys::CurrentMemoryContext };
+    // SAFETY: a worker transaction begun outside any other (the caller is the main loop), with
+    // an active snapshot; it is committed or aborted below on every path.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
@@ -140,6 +186,7 @@ fn in_transaction<R>(activity: &str, f: impl FnOnce() -> R) -> Result<R, (PgSqlE
     let result = PgTryBuilder::new(move || {
         let f = f; // the whole AssertUnwindSafe, not the closure inside it
         let r = (f.0)();
+        // SAFETY: pops the snapshot pushed above and commits the transaction begun above.
         unsafe {
             pg_sys::PopActiveSnapshot();
             pg_sys::CommitTransactionCommand();
@@ -158,6 +205,7 @@ fn in_transaction<R>(activity: &str, f: impl FnOnce() -> R) -> Result<R, (PgSqlE
                 (r.level(), r.sql_error_code(), msg)
             }
         };
+        // SAFETY: a plain read of an interrupt flag.
         if level >= PgLogLevel::FATAL || unsafe { pg_sys::ProcDiePending != 0 } {
             e.rethrow();
         }
@@ -165,10 +213,13 @@ fn in_transaction<R>(activity: &str, f: impl FnOnce() -> R) -> Result<R, (PgSqlE
     })
     .execute();
     if result.is_err() {
+        // SAFETY: aborts the transaction begun above, after the error was caught (pgrx's
+        // BackgroundWorker::transaction does not, which is why this one exists).
         unsafe {
             pg_sys::AbortCurrentTransaction();
         }
     }
+    // SAFETY: back to the context the caller had.
     unsafe {
         pg_sys::MemoryContextSwitchTo(cxt);
     }
@@ -186,10 +237,7 @@ fn candidates(rotate: usize) -> Vec<Projection> {
                 .map(|t| t.filter_map(|r| r.get::<i32>(1).ok().flatten()).collect())
                 .unwrap_or_default()
         });
-        registry::all()
-            .into_iter()
-            .filter(|p| p.mode == ProjectionMode::Async || open.contains(&p.id))
-            .collect()
+        registry::all().into_iter().filter(|p| p.mode == ProjectionMode::Async || open.contains(&p.id)).collect()
     });
     let mut v = r.unwrap_or_default();
     if !v.is_empty() {
@@ -220,23 +268,41 @@ fn work_on(id: i32) -> bool {
     let slice = Instant::now();
     let mut busy = false;
     while slice.elapsed() < Duration::from_millis(200) {
+        inflight::working_on(id);
         let outcome = in_transaction("event_projections: step", || step(id));
+        inflight::working_on(0);
+        let timed_out = crate::sandbox::take_timed_out();
         let outcome = match outcome {
             Ok(o) => o,
             Err((PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, _)) => Outcome::Progress(Progress::LockBusy),
-            Err((_, message)) => Outcome::Failed { message, position: replay::last_attempted() },
+            // In a worker only the handler timeout (or an administrator) cancels: stop, do not retry.
+            Err((PgSqlErrorCode::ERRCODE_QUERY_CANCELED, message)) => Outcome::Failed {
+                message: if timed_out && !message.contains("handler_timeout") {
+                    format!(
+                        "{message}: its code ran longer than event_projections.handler_timeout ({} ms)",
+                        settings::handler_timeout_ms()
+                    )
+                } else {
+                    message
+                },
+                position: replay::last_attempted(),
+                stop: true,
+            },
+            Err((_, message)) => Outcome::Failed { message, position: replay::last_attempted(), stop: false },
         };
         match outcome {
             Outcome::Progress(Progress::Busy) => busy = true,
             Outcome::Progress(Progress::Finished) => return true,
             Outcome::Progress(Progress::LockBusy) => {
                 // Let the appends that queued behind our request through, then try again.
-                crate::backend::sleep_ms(5);
+                crate::pg::backend::sleep_ms(5);
                 busy = true;
             }
             Outcome::Idle => return busy,
-            Outcome::Failed { message, position } => {
-                let _ = in_transaction("event_projections: recording a failure", || record_failure(id, &message, position));
+            Outcome::Failed { message, position, stop } => {
+                let _ = in_transaction("event_projections: recording a failure", || {
+                    record_failure(id, &message, position, stop)
+                });
                 return busy;
             }
         }
@@ -252,6 +318,7 @@ fn step(id: i32) -> Outcome {
         ProjectionMode::Inline => format!("event_projections: rebuilding {}", p.name),
         ProjectionMode::Async => format!("event_projections: delivering to {}", p.name),
     };
+    // SAFETY: reports this process's activity with a NUL-terminated string.
     unsafe {
         let a = std::ffi::CString::new(activity).unwrap_or_default();
         pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, a.as_ptr());
@@ -268,20 +335,19 @@ fn step(id: i32) -> Outcome {
     }
 }
 
-fn record_failure(id: i32, message: &str, position: i64) {
+/// Records a failed step of projection `id`; with `stop`, the projection (or its rebuild) stops
+/// as failed at once instead of being retried.
+fn record_failure(id: i32, message: &str, position: i64, stop: bool) {
     let Some(cat) = catalog::lookup() else { return };
     let Some(p) = registry::by_id(id) else { return };
     warning!("event_projections: projection \"{}\": {}", p.name, message);
     match rebuild::open(p.id) {
         Some(r) => {
             let attempts = rebuild::record_failure(&cat, &r, message);
-            if attempts >= settings::max_attempts() as i64 {
+            if stop || attempts >= settings::max_attempts() as i64 {
                 let _ = rebuild::finish_unsuccessfully(&cat, &p, &r, "failed", Some(message));
             }
         }
-        None => delivery::record_failure(&cat, &p, message, position),
+        None => delivery::record_failure(&cat, &p, message, position, stop),
     }
 }
-
-#[allow(dead_code)]
-fn _unused(_: &Catalog) {}
