@@ -26,25 +26,8 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION ep_read_stream(text, bigint, int) IS 'Events of one stream from a stream position, in stream order.';
 
-CREATE FUNCTION ep_read_all(after_position bigint DEFAULT 0, max_count int DEFAULT 1000)
-RETURNS SETOF ep.events
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF after_position IS NULL OR after_position < 0 THEN
-        RAISE EXCEPTION 'invalid after_position: % (must be 0 or more)', after_position USING ERRCODE = '22023';
-    ELSIF max_count IS NULL OR max_count < 1 THEN
-        RAISE EXCEPTION 'invalid max_count: % (must be at least 1)', max_count USING ERRCODE = '22023';
-    END IF;
-    RETURN QUERY
-        SELECT e.* FROM ep.events e WHERE e.global_position > after_position
-        ORDER BY e.global_position LIMIT max_count;
-END $$;
-COMMENT ON FUNCTION ep_read_all(bigint, int) IS
-  'Committed events after a global position, in global order. Positions can have gaps (rolled-back appends), and an event can commit after a later position is visible: use an async projection for gap-free delivery.';
 
-CREATE VIEW ep.projection_status AS
+CREATE VIEW ep.projection_status WITH (security_barrier) AS
 SELECT p.name,
        p.mode,
        p.status,
@@ -94,6 +77,35 @@ WHERE pg_catalog.pg_has_role(p.owner, 'USAGE')
    OR pg_catalog.has_table_privilege('ep.projections', 'SELECT');
 COMMENT ON VIEW ep.projection_status IS
   'One row per projection the current role acts for: mode, status, the current (or last) rebuild with progress and an estimate of the time left, async lag, and the last error.';
+
+-- Durable subscriptions, one row per member. Lag counts the member's share after its acknowledged
+-- position (including what is above the high-water mark, not deliverable yet).
+CREATE VIEW ep.subscription_status WITH (security_barrier) AS
+SELECT s.name                                   AS subscription,
+       m.member,
+       s.members,
+       s.event_types,
+       s.owner,
+       m.position,
+       m.delivered,
+       (SELECT count(*) FROM ep.events e
+         WHERE e.global_position > m.position
+           AND (s.event_types IS NULL OR e.event_type = ANY (s.event_types))
+           AND (pg_catalog.hashtextextended(e.stream_id, 0) & 9223372036854775807) % s.members = m.member) AS lag_events,
+       COALESCE(extract(epoch FROM clock_timestamp() -
+           (SELECT e.created_at FROM ep.events e
+             WHERE e.global_position > m.position
+               AND (s.event_types IS NULL OR e.event_type = ANY (s.event_types))
+               AND (pg_catalog.hashtextextended(e.stream_id, 0) & 9223372036854775807) % s.members = m.member
+             ORDER BY e.global_position LIMIT 1))::float8, 0) AS lag_seconds,
+       m.last_poll_at,
+       m.last_ack_at
+FROM ep.subscriptions s
+JOIN ep.subscription_members m ON m.subscription = s.name
+WHERE pg_catalog.pg_has_role(s.owner, 'USAGE')
+   OR pg_catalog.has_table_privilege('ep.subscriptions', 'SELECT');
+COMMENT ON VIEW ep.subscription_status IS
+  'One row per member of each subscription the current role acts for: acknowledged position, last delivered event, lag in events and seconds, last poll and ack.';
 
 -- ep_rebuild_wait is a function: the statement that calls it keeps its snapshot for the whole wait,
 -- which keeps VACUUM and page pruning from removing dead rows everywhere meanwhile, the rebuilt read

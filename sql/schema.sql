@@ -103,12 +103,40 @@ CREATE TABLE ep.skipped_events (
     PRIMARY KEY (projection, global_position)
 );
 
+-- Durable subscriptions for consumers outside the database (ep_subscribe, ep_poll, ep_ack). State
+-- in tables, so that they survive restarts, dump/restore and transaction-pooling connection
+-- poolers. Member m of a subscription receives the streams with
+-- (hashtextextended(stream_id, 0) & x'7fffffffffffffff'::bigint) % members = m.
+CREATE TABLE ep.subscriptions (
+    name        text        NOT NULL PRIMARY KEY CHECK (name <> '' AND octet_length(name) <= 60),
+    event_types text[],                 -- NULL: every type
+    members     integer     NOT NULL CHECK (members >= 1 AND members <= 1024),
+    owner       regrole     NOT NULL,   -- who may poll and ack
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+CREATE TABLE ep.subscription_members (
+    subscription text        NOT NULL REFERENCES ep.subscriptions (name) ON DELETE CASCADE,
+    member       integer     NOT NULL,
+    -- Acknowledged: every event of this member's share at or below it has been processed.
+    position     bigint      NOT NULL DEFAULT 0,
+    -- The last event the last poll returned, and how far that poll read: acknowledging `delivered`
+    -- acknowledges up to `delivered_through` (nothing of the share lies between).
+    delivered         bigint NOT NULL DEFAULT 0,
+    delivered_through bigint NOT NULL DEFAULT 0,
+    last_poll_at timestamptz,
+    last_ack_at  timestamptz,
+    PRIMARY KEY (subscription, member)
+);
+
 -- Dump and restore: extension tables are skipped by pg_dump unless registered here.
 SELECT pg_catalog.pg_extension_config_dump('ep.events', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.streams', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.projections', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.rebuilds', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.skipped_events', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.subscriptions', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.subscription_members', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.global_position_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.projection_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.rebuild_id_seq', '');

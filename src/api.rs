@@ -5,6 +5,7 @@ use crate::log;
 use crate::pg::error::OrRaise;
 use crate::pg::types::{RawJsonb, RegProcedure};
 use crate::registry;
+use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 /// Appends one event; returns its global position.
@@ -67,7 +68,7 @@ mod ep {
     }
 
     /// Any change of ep.projections that matters to appends moves the registry epoch at commit
-    /// (`registry::projections_for_appends` relies on it, whoever makes the change).
+    /// (`registry::view_for_appends` relies on it, whoever makes the change).
     #[pg_trigger]
     fn projections_changed<'a>(
         _t: &'a PgTrigger<'a>,
@@ -81,6 +82,11 @@ mod ep {
 CREATE TRIGGER projections_changed AFTER INSERT OR DELETE ON ep.projections
     FOR EACH ROW EXECUTE FUNCTION ep.projections_changed();
 CREATE TRIGGER projections_truncated AFTER TRUNCATE ON ep.projections
+    FOR EACH STATEMENT EXECUTE FUNCTION ep.projections_changed();
+-- Appends notify the subscriptions of their types: the subscription list is part of the view.
+CREATE TRIGGER subscriptions_changed AFTER INSERT OR UPDATE OR DELETE ON ep.subscriptions
+    FOR EACH ROW EXECUTE FUNCTION ep.projections_changed();
+CREATE TRIGGER subscriptions_truncated AFTER TRUNCATE ON ep.subscriptions
     FOR EACH STATEMENT EXECUTE FUNCTION ep.projections_changed();
 -- Async delivery updates position and error columns all the time; those do not concern appends.
 CREATE TRIGGER projections_updated AFTER UPDATE ON ep.projections FOR EACH ROW
@@ -180,4 +186,69 @@ fn ep_projection_ready(projection: Option<&str>) -> bool {
 #[pg_extern(volatile, parallel_restricted)]
 fn ep_in_flight() -> TableIterator<'static, (name!(pid, i32), name!(global_position, i64))> {
     TableIterator::new(crate::handoff::inflight::in_flight())
+}
+
+// ------------------------------------------------------------------------------------------------
+// The log for consumers outside the database
+
+/// The committed events after `after_position`, in global order, none above the high-water mark:
+/// a reader that continues after the last position it received never misses an event.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_read_all(
+    after_position: default!(Option<i64>, "0"),
+    max_count: default!(Option<i32>, "1000"),
+) -> SetOfIterator<'static, pgrx::composite_type!('static, "ep.events")> {
+    events(crate::subscription::read_all(after_position, max_count).or_raise())
+}
+
+/// The high-water mark: every position at or below it is committed and visible, or never will be.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_high_water() -> i64 {
+    crate::subscription::high_water()
+}
+
+/// Creates a durable subscription with `members` members (each receives a share of the streams).
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_subscribe(
+    name: Option<&str>,
+    event_types: default!(Option<Vec<Option<String>>>, "NULL"),
+    members: default!(Option<i32>, "1"),
+) {
+    crate::subscription::subscribe(name, event_types, members).or_raise()
+}
+
+/// Removes a subscription.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_unsubscribe(name: Option<&str>) {
+    crate::subscription::unsubscribe(name).or_raise()
+}
+
+/// Changes the number of members of a subscription without skipping or reordering a stream.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_set_members(subscription: Option<&str>, members: Option<i32>) {
+    crate::subscription::set_members(subscription, members).or_raise()
+}
+
+/// The next events of a member's share after its acknowledged position; with `wait`, blocks until
+/// some arrive or the time passes.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_poll(
+    subscription: Option<&str>,
+    member: default!(Option<i32>, "0"),
+    max_count: default!(Option<i32>, "100"),
+    wait: default!(Option<pgrx::datum::Interval>, "'0'"),
+) -> SetOfIterator<'static, pgrx::composite_type!('static, "ep.events")> {
+    events(crate::subscription::poll(subscription, member, max_count, wait).or_raise())
+}
+
+/// Acknowledges that a member processed its events up to `global_position`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_ack(subscription: Option<&str>, member: Option<i32>, global_position: Option<i64>) {
+    crate::subscription::ack(subscription, member, global_position).or_raise()
+}
+
+/// Composite `ep.events` datums as the rows of a set-returning function.
+fn events(datums: Vec<pg_sys::Datum>) -> SetOfIterator<'static, pgrx::composite_type!('static, "ep.events")> {
+    // SAFETY: every datum is an `ep.events` row value copied into this function's memory context.
+    SetOfIterator::new(datums.into_iter().map(|d| unsafe { PgHeapTuple::from_composite_datum(d) }))
 }

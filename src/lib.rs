@@ -9,6 +9,8 @@
 //! - `log`: appends (A1..A11) and the append-only guard;
 //! - `registry`: projections, their registration hand-off, the per-backend view of the registry
 //!   appends use, and the readiness checks (`registry::status`);
+//! - `subscription`: the log for consumers outside the database: reads bounded by the high-water
+//!   mark and durable subscriptions;
 //! - `sandbox`: running user code as its owner with a pinned path, call-time checks and the
 //!   worker's timeout (`sandbox`), calling handlers (`sandbox::handler`), applying a range of the
 //!   log through one (`sandbox::replay`);
@@ -27,6 +29,7 @@ mod pg;
 mod rebuild;
 mod registry;
 mod sandbox;
+mod subscription;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);

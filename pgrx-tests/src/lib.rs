@@ -466,6 +466,8 @@ pub enum Grants {
     Reader,
     /// Registers and runs projections: also a writer and a reader.
     ProjectionOwner,
+    /// Consumes the log from outside the database: reads it, and owns durable subscriptions.
+    Consumer,
 }
 
 impl Grants {
@@ -492,8 +494,15 @@ impl Grants {
              ep_wait_for(text, bigint, interval), ep_require_ready(text), ep_projection_ready(text) TO {r}",
             "GRANT EXECUTE ON PROCEDURE ep_rebuild_await(bigint, interval, text) TO {r}",
         ];
+        const CONSUMER: &[&str] = &[
+            "GRANT USAGE ON SCHEMA ep TO {r}",
+            "GRANT SELECT ON ep.events, ep.subscription_status TO {r}",
+            "GRANT EXECUTE ON FUNCTION ep_read_all(bigint, int), ep_high_water(), ep_subscribe(text, text[], int), \
+             ep_unsubscribe(text), ep_set_members(text, int), ep_poll(text, int, int, interval), ep_ack(text, int, bigint) TO {r}",
+        ];
         match self {
             Grants::Nothing => &[],
+            Grants::Consumer => CONSUMER,
             Grants::Writer => WRITER,
             Grants::Reader => READER,
             Grants::ProjectionOwner => OWNER,

@@ -515,3 +515,190 @@ impl Drop for ResetOnDrop {
         let _ = c.batch_execute("SELECT pg_reload_conf()");
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Found by the hostile review of the first version of this suite
+
+/// User code that calls `pg_advisory_unlock_all()` inside the worker released the worker's
+/// session-level ownership lock of another role's projection; a second worker then delivered the
+/// same batch again. Checkpoints now move only from where their step started: of two steps from
+/// the same checkpoint one commits, the other rolls back.
+#[test]
+fn user_code_cannot_make_a_worker_deliver_twice() {
+    let (served, mut admin) = Served::fresh();
+    let alice = Role::create(&served_db(), "sec_own_alice", Grants::ProjectionOwner);
+    let mallory = Role::create(&served_db(), "sec_own_mal", Grants::ProjectionOwner);
+    // Alice's process manager appends a follow-up (to a stream of its own per process, so that two
+    // processes never wait for each other), then waits at a gate the test holds, then records.
+    schema_for(
+        &mut admin,
+        &alice,
+        "w_saga",
+        r#"
+CREATE TABLE w_saga.applied (global_position bigint NOT NULL);  -- no key: a second delivery shows
+CREATE FUNCTION w_saga.saga(e ep.events) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM ep_append('ship-' || e.stream_id || '-' || pg_backend_pid(), 'ShipmentRequested', '{}');
+    WHILE NOT pg_try_advisory_xact_lock_shared(9101) LOOP PERFORM pg_sleep(0.05); END LOOP;
+    INSERT INTO applied VALUES (e.global_position);
+END $$;
+"#,
+    );
+    // Mallory's inline handler of the follow-up runs inside the worker and drops its session locks.
+    schema_for(
+        &mut admin,
+        &mallory,
+        "w_unlock",
+        "CREATE FUNCTION w_unlock.h(e ep.events) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_catalog.pg_advisory_unlock_all(); END $$;",
+    );
+    alice
+        .connect()
+        .execute(
+            "SELECT ep_register_projection('saga', 'w_saga.saga(ep.events)', 'async', ARRAY['OrderPlaced'], 'w_saga')",
+            &[],
+        )
+        .unwrap();
+    mallory
+        .connect()
+        .execute(
+            "SELECT ep_register_projection('unlock', 'w_unlock.h(ep.events)', 'inline', ARRAY['ShipmentRequested'], 'w_unlock')",
+            &[],
+        )
+        .unwrap();
+    let mut gate = served.closed_gate(9101);
+    let last = append(&mut admin, "order-1", "OrderPlaced", &json!({}), None).unwrap();
+    // The first worker is at the gate without its ownership lock; the second has time to take the
+    // projection and reach the gate too (idle workers look every naptime, 1 s).
+    std::thread::sleep(Duration::from_secs(3));
+    gate.open();
+    assert!(wait_for(&mut admin, "saga", last, "60 seconds"));
+    std::thread::sleep(Duration::from_secs(2)); // a second deliverer would be done by now
+    let (rows, distinct): (i64, i64) = {
+        let r = admin.query_one("SELECT count(*), count(DISTINCT global_position) FROM w_saga.applied", &[]).unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((rows, distinct), (1, 1), "an async projection applied an event twice");
+}
+
+/// Skips recorded by `ep_skip_event` belonged to a projection *name*: a role that registered,
+/// skipped and unregistered a name made the next owner of the name skip that event silently, even
+/// through a rebuild. Skips now go with their projection and end at a rebuild.
+#[test]
+fn skips_do_not_outlive_their_projection() {
+    let (_served, mut admin) = Served::fresh();
+    let alice = Role::create(&served_db(), "sec_skip_alice", Grants::ProjectionOwner);
+    let mallory = Role::create(&served_db(), "sec_skip_mal", Grants::ProjectionOwner);
+    let victim = append(&mut admin, "acct-victim", "Deposited", &json!({}), None).unwrap();
+    schema_for(
+        &mut admin,
+        &mallory,
+        "w_skipmal",
+        "CREATE FUNCTION w_skipmal.fail_on(e ep.events) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN IF e.stream_id = 'acct-victim' THEN RAISE EXCEPTION 'no'; END IF; END $$;",
+    );
+    let mut m = mallory.connect();
+    register_as(&mut m, "balances", "w_skipmal.fail_on(ep.events)", "async", "w_skipmal").unwrap();
+    let failing = wait_until(Duration::from_secs(30), || {
+        Ok(m.query_one("SELECT failing_position FROM ep.projection_status WHERE name = 'balances'", &[])?
+            .get::<_, Option<i64>>(0)
+            == Some(victim))
+    })
+    .unwrap();
+    assert!(failing, "mallory's projection never failed on the event");
+    m.batch_execute(&format!(
+        "SELECT ep_skip_event('balances', {victim}); SELECT ep_unregister_projection('balances')"
+    ))
+    .unwrap();
+    counts_model_of(&mut admin, &alice, "w_skipalice");
+    let mut a = alice.connect();
+    register_as(&mut a, "balances", "w_skipalice.count_event(ep.events)", "async", "w_skipalice").unwrap();
+    assert!(wait_for(&mut a, "balances", victim, "30 seconds"));
+    assert_counts_match_log(&mut admin, "w_skipalice");
+}
+
+/// Registering another role's function (PUBLIC may execute most functions, and a `regprocedure`
+/// given as an OID needs no schema USAGE) made the drop guard refuse that role's DROP FUNCTION and
+/// DROP SCHEMA. A projection's code must now be its owner's.
+#[test]
+fn a_projection_cannot_take_another_roles_function_hostage() {
+    let db = TestDb::new("sec_hostage");
+    let mut admin = db.connect();
+    let alice = Role::create(&db.name, "sec_host_alice", Grants::ProjectionOwner);
+    let mallory = Role::create(&db.name, "sec_host_mal", Grants::ProjectionOwner);
+    counts_model_of(&mut admin, &alice, "host_alice");
+    counts_model_of(&mut admin, &mallory, "host_mal");
+    let f: u32 = admin.query_one("SELECT 'host_alice.count_event(ep.events)'::regprocedure::oid", &[]).unwrap().get(0);
+    let mut m = mallory.connect();
+    let r = m.execute(
+        &format!(
+            "SELECT ep_register_projection('hostage', {f}::oid::regprocedure, 'inline', ARRAY['never'], 'host_mal')"
+        ),
+        &[],
+    );
+    expect_sqlstate(r, &SqlState::INSUFFICIENT_PRIVILEGE, "registering another role's function");
+    register_as(&mut m, "mine", "host_mal.count_event(ep.events)", "inline", "host_mal").unwrap();
+    let r = m.execute(&format!("SELECT ep_rebuild('mine', 'blue_green', NULL, {f}::oid::regprocedure)"), &[]);
+    expect_sqlstate(r, &SqlState::INSUFFICIENT_PRIVILEGE, "another role's function as a setup function");
+    alice.connect().batch_execute("DROP SCHEMA host_alice CASCADE").unwrap();
+}
+
+/// `ep.projection_status` filtered other roles' rows in its WHERE clause, but a cheap function of
+/// the reader's in the query ran before the filter and saw every row (their errors quote events).
+/// It is a security barrier view now.
+#[test]
+fn the_status_views_leak_no_other_roles_rows() {
+    let db = TestDb::new("sec_leak");
+    let mut admin = db.connect();
+    let alice = Role::create(&db.name, "sec_leak_alice", Grants::ProjectionOwner);
+    let mallory = Role::create(&db.name, "sec_leak_mal", Grants::ProjectionOwner);
+    counts_model_of(&mut admin, &alice, "leak_alice");
+    register_as(&mut alice.connect(), "secret", "leak_alice.count_event(ep.events)", "inline", "leak_alice").unwrap();
+    admin.batch_execute("UPDATE ep.projections SET last_error = 'card 4111-1111' WHERE name = 'secret'").unwrap();
+    admin.batch_execute("GRANT EXECUTE ON FUNCTION ep_subscribe(text, text[], int) TO sec_leak_alice").unwrap();
+    alice.connect().batch_execute("SELECT ep_subscribe('alice_sub')").unwrap();
+    schema_for(
+        &mut admin,
+        &mallory,
+        "leak_mal",
+        "CREATE TABLE leak_mal.loot (what text);
+         CREATE FUNCTION leak_mal.leak(t text) RETURNS boolean LANGUAGE plpgsql COST 0.0000001 AS $$
+         BEGIN INSERT INTO leak_mal.loot VALUES (t); RETURN true; END $$;",
+    );
+    let mut m = mallory.connect();
+    admin.batch_execute("GRANT SELECT ON ep.subscription_status TO sec_leak_mal").unwrap();
+    m.query("SELECT name FROM ep.projection_status WHERE leak_mal.leak(name || ':' || coalesce(last_error, ''))", &[])
+        .unwrap();
+    let _ = m.query("SELECT subscription FROM ep.subscription_status WHERE leak_mal.leak(subscription)", &[]);
+    let loot: Vec<String> =
+        admin.query("SELECT what FROM leak_mal.loot", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert!(loot.is_empty(), "rows of another role reached a function of the reader: {loot:?}");
+}
+
+/// A handler that takes just under the timeout per event, with a backlog, held a worker for the
+/// whole batch (hours at the defaults); two of them stopped everyone's async projections. A step
+/// now applies events for a bounded time and hands the worker on.
+#[test]
+fn slow_handlers_cannot_hold_the_workers() {
+    let (_served, mut admin) = Served::fresh();
+    let alice = Role::create(&served_db(), "sec_hog_alice", Grants::ProjectionOwner);
+    let mallory = Role::create(&served_db(), "sec_hog_mal", Grants::ProjectionOwner);
+    schema_for(
+        &mut admin,
+        &mallory,
+        "w_hog",
+        "CREATE FUNCTION w_hog.h(e ep.events) RETURNS void LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.5); END $$;",
+    );
+    let mut m = mallory.connect();
+    for name in ["hog1", "hog2"] {
+        m.execute("SELECT ep_register_projection($1, 'w_hog.h(ep.events)', 'async', ARRAY['Junk'], 'w_hog')", &[&name])
+            .unwrap();
+    }
+    m.batch_execute("SELECT count(ep_append('junk', 'Junk', '{}')) FROM generate_series(1, 40)").unwrap();
+    counts_model_of(&mut admin, &alice, "w_hogged");
+    register_as(&mut alice.connect(), "hogged", "w_hogged.count_event(ep.events)", "async", "w_hogged").unwrap();
+    std::thread::sleep(Duration::from_secs(1)); // the hogs have the workers
+    let p = append(&mut admin, "acct", "Deposited", &json!({}), None).unwrap();
+    // Before the fix this took a whole batch of the hogs: 40 events x 0.5 s per worker.
+    assert!(wait_for(&mut admin, "hogged", p, "10 seconds"), "a slow projection kept the workers from another role's");
+}

@@ -24,6 +24,8 @@ use crate::pg::settings::{self, MAX_WORKERS};
 struct Slot {
     database: AtomicU32,
     min_position: AtomicU64,
+    /// The database whose appends this backend waits for in `ep_poll` (0: not waiting).
+    waiting_for: AtomicU32,
 }
 
 #[repr(C)]
@@ -45,6 +47,8 @@ struct Shared {
     /// Bumped when a projection's registration or status changes (after commit); appenders use it
     /// to tell whether a cached view of the registry can still be trusted.
     registry_epoch: AtomicU64,
+    /// How many backends wait in `ep_poll`: a commit that appended wakes them only when some do.
+    pollers: AtomicU32,
     workers: [WorkerSlot; MAX_WORKERS],
     slots: [Slot; 0],
 }
@@ -281,9 +285,50 @@ pub fn in_flight() -> Vec<(i32, i64)> {
         .collect()
 }
 
+/// Registers this backend as waiting for appends of its database (`ep_poll` with a `wait`) for the
+/// value's lifetime: every commit that appends sets its latch meanwhile.
+pub struct Waiting(());
+
+impl Waiting {
+    pub fn start() -> Waiting {
+        if let (Some(sh), Some(slot)) = (shared(), my_slot()) {
+            slot.waiting_for.store(my_database(), Ordering::SeqCst);
+            sh.pollers.fetch_add(1, Ordering::SeqCst);
+        }
+        Waiting(())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let (Some(sh), Some(slot)) = (shared(), my_slot()) {
+            if slot.waiting_for.swap(0, Ordering::SeqCst) != 0 {
+                sh.pollers.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Sets the latch of every backend waiting in `ep_poll` for this database (after a commit that
+/// appended, which is visible by then).
+fn wake_pollers() {
+    let Some(sh) = shared() else { return };
+    if sh.pollers.load(Ordering::SeqCst) == 0 {
+        return;
+    }
+    let db = my_database();
+    for (procno, slot) in slots().iter().enumerate() {
+        if slot.waiting_for.load(Ordering::SeqCst) == db {
+            // SAFETY: procno < nslots <= the size of the PGPROC array, in shared memory for the
+            // life of the server; setting another process's latch is what latches are for.
+            unsafe { pg_sys::SetLatch(&mut (*(*pg_sys::ProcGlobal).allProcs.add(procno)).procLatch) };
+        }
+    }
+}
+
 /// The registry epoch: bumped whenever a committed change of `ep.projections` may have changed what
 /// appends must do (a trigger on the table calls `bump_epoch_at_commit`). Appends keep their view
-/// of the registry as long as it has not moved (`registry::projections_for_appends`).
+/// of the registry as long as it has not moved (`registry::view_for_appends`).
 pub fn registry_epoch() -> u64 {
     shared().map(|s| s.registry_epoch.load(Ordering::SeqCst)).unwrap_or(0)
 }
@@ -437,6 +482,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
             }
             if take(&HOLDING) {
                 release_slot();
+                wake_pollers();
             }
             if take(&WAKE_AT_COMMIT) {
                 wake_workers_of(false);

@@ -112,9 +112,31 @@ pub fn try_own(object: u32) -> bool {
     }
 }
 
-/// Releases an ownership lock taken by `try_own`.
+/// The error of a worker step whose projection another process advanced meanwhile: the step rolls
+/// back, and is retried like a step that found its lock busy (55P03).
+pub fn raise_overtaken(projection: &str) -> ! {
+    crate::pg::error::raise(&Overtaken { projection: projection.into() })
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("projection \"{projection}\" was advanced by another process during this step, which is rolled back")]
+struct Overtaken {
+    projection: String,
+}
+
+impl SqlError for Overtaken {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE
+    }
+}
+
+/// Releases an ownership lock taken by `try_own` (if user code released it already, nothing).
 pub fn disown(object: u32) {
     let t = tag(OWNER_CLASS, object);
+    // SAFETY: a lookup in this backend's local lock table.
+    if !unsafe { pg_sys::LockHeldByMe(&t, pg_sys::ExclusiveLock as pg_sys::LOCKMODE) } {
+        return;
+    }
     // SAFETY: releases a session lock this process took with try_own (a missing one only warns).
     unsafe {
         pg_sys::LockRelease(&t, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, true);

@@ -243,23 +243,23 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
 
     // A2..A5: the registry lock, the subscribed inline projections, their locks, their status.
     handoff::lock(handoff::REGISTRY, Mode::Shared);
-    let (mut view, epoch) = registry::projections_for_appends(&cat);
-    if view.iter().any(|p| registry::async_subscriber(p, &types)) {
+    let (mut view, epoch) = registry::view_for_appends(&cat);
+    if view.projections.iter().any(|p| registry::async_subscriber(p, &types)) {
         inflight::wake_at_commit();
     }
     let subscribed = |p: &&Projection| registry::inline_subscriber(p, &types);
-    if view.iter().any(|p| subscribed(&p)) {
-        for p in view.iter().filter(subscribed) {
+    if view.projections.iter().any(|p| subscribed(&p)) {
+        for p in view.projections.iter().filter(subscribed) {
             handoff::lock(p.id as u32, Mode::Shared);
         }
         // A5: read again unless no change committed since the view was read (same epoch). The set
         // of projections cannot change while we hold the registry lock; their status can.
-        let (again, now) = registry::projections_for_appends(&cat);
+        let (again, now) = registry::view_for_appends(&cat);
         if now.is_none() || now != epoch {
             view = again;
         }
     }
-    let projections: Vec<&Projection> = view.iter().filter(subscribed).filter(|p| p.is_active()).collect();
+    let projections: Vec<&Projection> = view.projections.iter().filter(subscribed).filter(|p| p.is_active()).collect();
     // A6: a handler must not run on a snapshot that cannot see the hand-off it crossed.
     if handoff::uses_transaction_snapshot() {
         let latest: Vec<(i32, i64, &str)> = projections.iter().map(|p| (p.id, p.generation, p.name.as_str())).collect();
@@ -333,6 +333,8 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
     });
     let (rows, positions) = written?;
     let last = positions[positions.len() - 1];
+    // The subscriptions of these types hear of it at commit (NOTIFY is transactional).
+    crate::subscription::notify(&view.channels, &types, last);
 
     // A10: each active subscribed handler, in the append's transaction.
     for p in &projections {

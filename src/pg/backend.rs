@@ -37,3 +37,37 @@ pub fn sleep_ms(ms: i64) {
     }
     pgrx::check_for_interrupts!();
 }
+
+/// Clears the process latch (before looking for what a wake-up would announce).
+pub fn reset_latch() {
+    // SAFETY: this process's own latch.
+    unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+}
+
+/// Waits up to `ms` milliseconds for the process latch, without clearing it first (the caller
+/// did, before looking: a wake-up since then returns at once); then processes interrupts.
+pub fn wait_latch(ms: i64) {
+    // SAFETY: this process's own latch.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+    }
+    pgrx::check_for_interrupts!();
+}
+
+/// An interval as microseconds, counting a month as 30 days (as PostgreSQL's interval comparison
+/// does). Negative intervals and ones that do not fit in 64 bits are refused, with the reason.
+pub fn interval_micros(i: &pgrx::datum::Interval) -> Result<i64, String> {
+    const DAY: i64 = 86_400_000_000;
+    let days = (i.months() as i64).checked_mul(30).and_then(|d| d.checked_add(i.days() as i64));
+    let total = days.and_then(|d| d.checked_mul(DAY)).and_then(|d| d.checked_add(i.micros()));
+    match total {
+        None => Err(format!("{i} is too long")),
+        Some(t) if t < 0 => Err(format!("{i} is negative")),
+        Some(t) => Ok(t),
+    }
+}

@@ -143,6 +143,21 @@ pub fn may_select(role: pg_sys::Oid, rel: pg_sys::Oid) -> bool {
     }
 }
 
+/// The owner of function `func`, None when there is no such function.
+pub fn function_owner(func: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    // SAFETY: a syscache lookup; the tuple is read before ReleaseSysCache.
+    unsafe {
+        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as i32, func.into());
+        if tup.is_null() {
+            return None;
+        }
+        let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_proc>(tup);
+        let owner = (*form).proowner;
+        pg_sys::ReleaseSysCache(tup);
+        Some(owner)
+    }
+}
+
 /// The owner of schema `nsp`, None when there is no such schema.
 pub fn namespace_owner(nsp: pg_sys::Oid) -> Option<pg_sys::Oid> {
     // SAFETY: a syscache lookup; the tuple is read before ReleaseSysCache.

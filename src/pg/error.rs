@@ -48,24 +48,17 @@ impl<T, E: SqlError> OrRaise<T> for Result<T, E> {
 }
 
 /// Errors of argument checking shared by every SQL entry point.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ArgError {
     /// A required argument was NULL.
+    #[error("{0} must not be NULL")]
     Null(&'static str),
     /// An argument that must not be empty was.
+    #[error("{0} must not be empty")]
     Empty(&'static str),
     /// Any other invalid value, with what was expected.
+    #[error("invalid {arg}: {problem}")]
     Invalid { arg: &'static str, problem: String },
-}
-
-impl Display for ArgError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ArgError::Null(arg) => write!(f, "{arg} must not be NULL"),
-            ArgError::Empty(arg) => write!(f, "{arg} must not be empty"),
-            ArgError::Invalid { arg, problem } => write!(f, "invalid {arg}: {problem}"),
-        }
-    }
 }
 
 impl SqlError for ArgError {

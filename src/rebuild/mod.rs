@@ -238,12 +238,13 @@ fn namespace_oid(name: &str) -> pg_sys::Oid {
 fn validate_setup(f: pg_sys::Oid, owner: pg_sys::Oid) -> Result<(), RegistryError> {
     let name = crate::pg::catalog::regprocedure_text(f);
     registry::refuse_temporary(f, &name)?;
+    registry::check_function_owner(f, &name, owner)?;
     if !catalog::may_execute(owner, f) {
         return Err(RegistryError::NoExecute { handler: name });
     }
     let ok = Spi::connect(|c| {
         c.select(
-            "SELECT pronargs = 1 AND proargtypes[0] IN ('text'::regtype, 'name'::regtype) AND prokind = 'f' \
+            "SELECT pronargs = 1 AND proargtypes[0] = 'pg_catalog.text'::pg_catalog.regtype AND prokind = 'f' \
              FROM pg_catalog.pg_proc WHERE oid = $1",
             None,
             &[f.into()],
@@ -303,10 +304,8 @@ pub fn status(id: Option<i64>) -> Result<String, RebuildError> {
 pub fn wait(id: Option<i64>, timeout: Option<pgrx::datum::Interval>) -> Result<String, RebuildError> {
     let id = required(id, "rebuild_id")?;
     let timeout = required(timeout, "timeout")?;
-    let micros = interval_micros(&timeout);
-    if micros < 0 {
-        return Err(ArgError::Invalid { arg: "timeout", problem: "it is negative".into() }.into());
-    }
+    let micros = crate::pg::backend::interval_micros(&timeout)
+        .map_err(|problem| ArgError::Invalid { arg: "timeout", problem })?;
     let start = std::time::Instant::now();
     loop {
         let (status, mine) = status_of(id)?;
@@ -323,10 +322,6 @@ pub fn wait(id: Option<i64>, timeout: Option<pgrx::datum::Interval>) -> Result<S
         }
         crate::pg::backend::sleep_ms(20);
     }
-}
-
-pub fn interval_micros(i: &pgrx::datum::Interval) -> i64 {
-    i.micros() + (i.days() as i64) * 86_400_000_000 + (i.months() as i64) * 30 * 86_400_000_000
 }
 
 static CANCEL: Stmt = Stmt {
@@ -471,11 +466,27 @@ static COUNT_TOTAL: Stmt = Stmt {
     types: &[pg_sys::INT8OID, pg_sys::INT4OID],
 };
 
+// Conditional on the checkpoint the step started from: a step whose process lost the projection
+// to another one (user code can release session locks) changes nothing (`advance`).
 static ADVANCE: Stmt = Stmt {
     sql: "UPDATE ep.rebuilds SET checkpoint = $2, events_done = events_done + $3, \
-                 events_total = GREATEST(events_total, events_done + $3), behind = $4 WHERE id = $1",
-    types: &[pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID],
+                 events_total = GREATEST(events_total, events_done + $3), behind = $4 \
+          WHERE id = $1 AND checkpoint = $5 RETURNING id",
+    types: &[pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID],
 };
+
+/// Moves the rebuild's checkpoint from where this step started to `to`, or raises when another
+/// process moved it meanwhile (the step then rolls back: nothing applied twice).
+fn advance(cat: &Catalog, p: &Projection, r: &Rebuild, to: i64, events: i64, behind: i64) {
+    let moved = exec_priv(
+        cat,
+        &ADVANCE,
+        &[r.id.into_datum(), spi::int8(to), spi::int8(events), spi::int8(behind), spi::int8(r.checkpoint)],
+    );
+    if moved.is_none() {
+        handoff::raise_overtaken(&p.name);
+    }
+}
 
 static FINISH: Stmt = Stmt {
     sql: "UPDATE ep.rebuilds SET status = $2, phase = $2, finished_at = pg_catalog.now(), \
@@ -706,9 +717,9 @@ fn replay_or_handoff(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
     // for it. Each replay step takes the distance that built up during the previous one, so the
     // gap shrinks to what arrives during one short step.
     if gap > replay::handoff_threshold(batch) && gaining {
-        let a = replay::apply(&h, p.filter(), cat.events_type, r.checkpoint, hw, batch, Snap::Fresh);
+        let a = replay::apply_step(&h, p.filter(), cat.events_type, r.checkpoint, hw, batch);
         let checkpoint = a.through;
-        exec_priv(cat, &ADVANCE, &[r.id.into_datum(), spi::int8(checkpoint), spi::int8(a.events), spi::int8(gap)]);
+        advance(cat, p, r, checkpoint, a.events, gap);
         return Progress::Busy;
     }
     handoff_final(cat, p, r, &h)
@@ -720,7 +731,7 @@ fn handoff_final(cat: &Catalog, p: &Projection, r: &Rebuild, h: &crate::sandbox:
     // Statements from here on take their snapshots after the lock was granted (READ COMMITTED).
     let head = highwater::last_value();
     let a = replay::apply_all(h, p.filter(), cat.events_type, r.checkpoint, head, registry::batch_size(), Snap::Fresh);
-    exec_priv(cat, &ADVANCE, &[r.id.into_datum(), spi::int8(a.through), spi::int8(a.events), spi::int8(0)]);
+    advance(cat, p, r, a.through, a.events, 0);
     let mut previous = None;
     match r.strategy {
         Strategy::InPlace => {

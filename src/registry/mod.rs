@@ -123,24 +123,30 @@ fn collect(rows: &spi::Rows) -> Vec<Projection> {
     (0..rows.len()).map(|i| row_to_projection(rows, i)).collect()
 }
 
-/// The projections as of registry epoch `epoch`, kept per backend.
-struct InlineView {
+/// What appends need of the registry: every projection, and the subscriptions to notify.
+pub struct View {
+    pub projections: Vec<Projection>,
+    pub channels: Vec<crate::subscription::Channel>,
+}
+
+/// The view as of registry epoch `epoch`, kept per backend.
+struct KeptView {
     namespace: pg_sys::Oid,
     epoch: u64,
-    projections: std::rc::Rc<Vec<Projection>>,
+    view: std::rc::Rc<View>,
 }
 
 thread_local! {
-    static INLINE_VIEW: std::cell::RefCell<Option<InlineView>> = const { std::cell::RefCell::new(None) };
+    static KEPT_VIEW: std::cell::RefCell<Option<KeptView>> = const { std::cell::RefCell::new(None) };
 }
 
-/// A3/A5: every projection, as a snapshot taken now would read them, and the registry epoch
-/// that view belongs to. Read from the catalog only when the epoch moved since the last read: a
-/// change of ep.projections bumps the epoch after its commit is visible and before its locks are
-/// released, so a caller holding the registry lock (A2) or a projection lock (A4) that finds the
-/// epoch unchanged knows no change committed since the view was read (DESIGN.md 2, "The view of
-/// the registry").
-pub fn projections_for_appends(cat: &Catalog) -> (std::rc::Rc<Vec<Projection>>, Option<u64>) {
+/// A3/A5: the registry as a snapshot taken now would read it, and the registry epoch that view
+/// belongs to. Read from the catalog only when the epoch moved since the last read: a change of
+/// ep.projections or ep.subscriptions bumps the epoch after its commit is visible and before its
+/// locks are released, so a caller holding the registry lock (A2) or a projection lock (A4) that
+/// finds the epoch unchanged knows no change committed since the view was read (DESIGN.md 2,
+/// "The view of the registry").
+pub fn view_for_appends(cat: &Catalog) -> (std::rc::Rc<View>, Option<u64>) {
     // Without shared memory (not preloaded) there is no epoch to trust: None, never equal. A
     // transaction that changed the registry itself reads its own uncommitted change, which the
     // epoch does not show (it moves only at commit) and which a rollback, whole or to a savepoint,
@@ -148,23 +154,22 @@ pub fn projections_for_appends(cat: &Catalog) -> (std::rc::Rc<Vec<Projection>>, 
     let trusted = crate::handoff::inflight::available() && !crate::handoff::inflight::registry_changed_here();
     let epoch = trusted.then(crate::handoff::inflight::registry_epoch);
     if let Some(e) = epoch {
-        if let Some(v) = INLINE_VIEW.with(|c| {
-            c.borrow().as_ref().filter(|v| v.epoch == e && v.namespace == cat.namespace).map(|v| v.projections.clone())
+        if let Some(v) = KEPT_VIEW.with(|c| {
+            c.borrow().as_ref().filter(|v| v.epoch == e && v.namespace == cat.namespace).map(|v| v.view.clone())
         }) {
             return (v, epoch);
         }
     }
     // The epoch is read before the catalog: a change racing with this read leaves a view that is
     // at least as new as its epoch says, and the next call reads again.
-    let projections = std::rc::Rc::new(catalog::privileged(cat, || {
-        Spi::connect(|_| collect(&spi::exec(&ALL, &[], Snap::Latest, 0)))
+    let view = std::rc::Rc::new(catalog::privileged(cat, || {
+        let projections = Spi::connect(|_| collect(&spi::exec(&ALL, &[], Snap::Latest, 0)));
+        View { projections, channels: crate::subscription::channels() }
     }));
     if let Some(epoch) = epoch {
-        INLINE_VIEW.with(|c| {
-            *c.borrow_mut() = Some(InlineView { namespace: cat.namespace, epoch, projections: projections.clone() })
-        });
+        KEPT_VIEW.with(|c| *c.borrow_mut() = Some(KeptView { namespace: cat.namespace, epoch, view: view.clone() }));
     }
-    (projections, epoch)
+    (view, epoch)
 }
 
 /// Whether an append of `types` concerns inline projection `p` (A3).
@@ -245,6 +250,7 @@ pub enum RegistryError {
     NoSchema(String),
     NoSchemaUsage(String),
     NotSchemaOwner { schema: String, owner: String },
+    NotFunctionOwner { function: String, owner: String },
     NoLogAccess,
     NotOwner { projection: String },
 }
@@ -272,6 +278,10 @@ impl Display for RegistryError {
                 "a projection's read-model schema must be owned by its owner: schema \"{schema}\" is owned by \"{owner}\""
             ),
             RegistryError::NoLogAccess => write!(f, "permission denied for table ep.events: a projection's owner must be able to read the log"),
+            RegistryError::NotFunctionOwner { function, owner } => write!(
+                f,
+                "a projection's code must be its owner's: function {function} is owned by \"{owner}\""
+            ),
             RegistryError::NotOwner { projection } => {
                 write!(f, "must be the owner of projection \"{projection}\" (or a member of its owner role)")
             }
@@ -290,6 +300,7 @@ impl SqlError for RegistryError {
             RegistryError::NoExecute { .. }
             | RegistryError::NoSchemaUsage(_)
             | RegistryError::NotSchemaOwner { .. }
+            | RegistryError::NotFunctionOwner { .. }
             | RegistryError::NoLogAccess
             | RegistryError::NotOwner { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             RegistryError::NoSchema(_) => ERRCODE_INVALID_SCHEMA_NAME,
@@ -305,6 +316,9 @@ impl SqlError for RegistryError {
                 "Use a schema you own (CREATE SCHEMA ... AUTHORIZATION you), or register as a member of the schema's owner role.".into(),
             ),
             RegistryError::NoLogAccess => Some("GRANT SELECT ON ep.events TO the registering role (README, \"Security\").".into()),
+            RegistryError::NotFunctionOwner { .. } => Some(
+                "Write a function of your own that calls it (a registered function cannot be dropped by its owner while it is used).".into(),
+            ),
             RegistryError::Unknown(_) => Some("SELECT name FROM ep.projections lists the registered projections.".into()),
             RegistryError::BadHandler { .. } => Some(
                 "A handler is a VOLATILE function (ep.events) RETURNS void, or (ep.events[]) RETURNS void to receive batches.".into(),
@@ -340,10 +354,24 @@ pub fn validate_handler(cat: &Catalog, function: pg_sys::Oid, runner: pg_sys::Oi
         return Err(bad("it must be VOLATILE"));
     }
     refuse_temporary(function, &name)?;
+    check_function_owner(function, &name, runner)?;
     if !catalog::may_execute(runner, function) {
         return Err(RegistryError::NoExecute { handler: name });
     }
     Ok(batch)
+}
+
+/// A projection's code (handler, new handler, setup function) must be owned by the projection's
+/// owner (or a role whose privileges it has): otherwise registering it would keep that function's
+/// owner from dropping it (the drop guard), and its owner could change what the projection runs.
+pub fn check_function_owner(function: pg_sys::Oid, name: &str, runner: pg_sys::Oid) -> Result<(), RegistryError> {
+    match catalog::function_owner(function) {
+        Some(owner) if catalog::acts_for(runner, owner) => Ok(()),
+        owner => Err(RegistryError::NotFunctionOwner {
+            function: name.into(),
+            owner: owner.and_then(crate::sandbox::role_name).unwrap_or_default(),
+        }),
+    }
 }
 
 /// A function in a temporary schema vanishes with its session: it can be no projection's code.
@@ -558,7 +586,10 @@ pub fn unregister(name: Option<&str>) -> Result<(), RegistryError> {
         Spi::connect(|_| {
             spi::exec(
                 &Stmt {
-                    sql: "WITH r AS (DELETE FROM ep.rebuilds WHERE projection_id = $1) \
+                    // The projection's skips go with it: they are decisions about its events,
+                    // and must not apply to whoever registers the name next.
+                    sql: "WITH r AS (DELETE FROM ep.rebuilds WHERE projection_id = $1), \
+                               s AS (DELETE FROM ep.skipped_events WHERE projection = (SELECT name FROM ep.projections WHERE id = $1)) \
                           DELETE FROM ep.projections WHERE id = $1",
                     types: &[pg_sys::INT4OID],
                 },

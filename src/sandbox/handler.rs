@@ -136,17 +136,35 @@ impl Handler {
     /// per call for batch handlers), under the owner's role and search_path, set once for all of
     /// them. `before(i)` runs before call `i`; `what(i)` describes call `i`'s events for an error
     /// message. A handler error is raised again with the projection named and its SQLSTATE kept.
-    pub fn call_all(&self, args: &[pg_sys::Datum], mut before: impl FnMut(usize), what: impl Fn(usize) -> String) {
+    pub fn call_all(&self, args: &[pg_sys::Datum], before: impl FnMut(usize), what: impl Fn(usize) -> String) {
+        self.call_until(args, None, before, what);
+    }
+
+    /// `call_all`, but stops before a call (other than the first) once `deadline` has passed;
+    /// returns how many calls were made. A worker step uses it so that a slow handler holds a
+    /// worker for one step's budget, not for a whole batch.
+    pub fn call_until(
+        &self,
+        args: &[pg_sys::Datum],
+        deadline: Option<std::time::Instant>,
+        mut before: impl FnMut(usize),
+        what: impl Fn(usize) -> String,
+    ) -> usize {
         let function = self.function;
         if let Err(e) = sandbox::may_run(function, "handler", self.owner, &self.projection) {
             crate::pg::error::raise(&e);
         }
         let current = std::cell::Cell::new(0usize);
+        let made = std::cell::Cell::new(0usize);
         let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
             sandbox::run_as(self.owner, &self.search_path, || {
                 let finfo = fmgr_for(function);
                 for (i, arg) in args.iter().enumerate() {
+                    if i > 0 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                        break;
+                    }
                     current.set(i);
+                    made.set(i + 1);
                     before(i);
                     // SAFETY: fmgr_for made `finfo` for the handler, which takes `ep.events` (or
                     // `ep.events[]` for a batch handler, and then `args` are arrays).
@@ -202,6 +220,7 @@ impl Handler {
             }
             report.report(PgLogLevel::ERROR);
         }
+        made.get()
     }
 
     /// Calls the handler once with `arg`.

@@ -49,6 +49,11 @@ pub fn handoff_threshold(batch: i64) -> i64 {
     (batch / 20).clamp(1, 50)
 }
 
+/// How long one worker step may apply events through a per-event handler before it commits what
+/// it has and hands the worker on (at least one event is applied per step): a slow handler then
+/// delays the projections of others by about this much per round, not by a whole batch.
+pub const STEP_BUDGET: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// How many positions one call scans at most, in batches: a projection of a rare event type
 /// would otherwise read the whole log in one statement (and one transaction) to fill one batch.
 const SCAN_BATCHES: i64 = 64;
@@ -67,7 +72,7 @@ pub fn apply_all(
 ) -> Applied {
     let mut total = Applied { events: 0, through: after, done: false };
     while !total.done {
-        let a = apply(handler, filter, events_type, total.through, up_to, limit, snap);
+        let a = apply(handler, filter, events_type, (total.through, up_to), limit, snap, None);
         total = Applied { events: total.events + a.events, ..a };
     }
     total
@@ -82,17 +87,30 @@ pub struct Filter<'a> {
     pub skip: Option<&'a Vec<i64>>,
 }
 
-/// Applies the events passing `filter` with `after < position <= up_to`, at most `limit` of them
-/// and scanning at most `limit * SCAN_BATCHES` positions, read under `snap`. Batch handlers get
-/// them as one array.
-pub fn apply(
+/// One worker step of a replay or a delivery: `apply` with a snapshot per statement, stopping
+/// after `STEP_BUDGET` (at least one event applied) so that a slow handler gives the worker back.
+pub fn apply_step(
     handler: &Handler,
     filter: Filter<'_>,
     events_type: pg_sys::Oid,
     after: i64,
     up_to: i64,
     limit: i64,
+) -> Applied {
+    apply(handler, filter, events_type, (after, up_to), limit, Snap::Fresh, Some(STEP_BUDGET))
+}
+
+/// Applies the events passing `filter` with `after < position <= up_to`, at most `limit` of them
+/// and scanning at most `limit * SCAN_BATCHES` positions, read under `snap`. Batch handlers get
+/// them as one array.
+fn apply(
+    handler: &Handler,
+    filter: Filter<'_>,
+    events_type: pg_sys::Oid,
+    (after, up_to): (i64, i64),
+    limit: i64,
     snap: Snap,
+    budget: Option<std::time::Duration>,
 ) -> Applied {
     let bound = scan_bound(after, up_to, limit);
     Spi::connect(|_| {
@@ -120,11 +138,17 @@ pub fn apply(
             let events: Vec<pg_sys::Datum> =
                 (0..n).map(|i| rows.datum(i, 1).expect("event row is never NULL")).collect();
             let positions: Vec<i64> = (0..n).map(|i| rows.get(i, 2).unwrap_or(after)).collect();
-            handler.call_all(
+            let deadline = budget.map(|b| std::time::Instant::now() + b);
+            let made = handler.call_until(
                 &events,
+                deadline,
                 |i| ATTEMPTED.with(|c| c.set(positions[i])),
                 |i| format!("event {}", positions[i]),
             );
+            if made < n {
+                // Out of time: everything up to the last event applied is done, as after a full batch.
+                return Applied { events: made as i64, through: positions[made - 1], done: false };
+            }
             progress(bound, up_to, limit, n, positions[n - 1])
         }
     })

@@ -59,8 +59,8 @@ static ADVANCE: Stmt = Stmt {
                  attempts = CASE WHEN failing_position <= $2 THEN 0 ELSE attempts END, \
                  last_error = CASE WHEN failing_position <= $2 THEN NULL ELSE last_error END, \
                  failing_position = CASE WHEN failing_position <= $2 THEN NULL ELSE failing_position END \
-          WHERE id = $1",
-    types: &[pg_sys::INT4OID, pg_sys::INT8OID],
+          WHERE id = $1 AND position = $3 RETURNING id",
+    types: &[pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::INT8OID],
 };
 
 /// One delivery transaction (D1..D2) into the model `h` writes. Returns Busy when events were
@@ -79,11 +79,17 @@ fn deliver(cat: &Catalog, p: &Projection, h: &Handler, st: &State) -> Option<Pro
         _ => (hw, batch),
     };
     let filter = Filter { types: p.event_types.as_ref(), skip: Some(&st.skipped) };
-    let a = replay::apply(h, filter, cat.events_type, p.position, up_to, limit, Snap::Fresh);
+    let a = replay::apply_step(h, filter, cat.events_type, p.position, up_to, limit);
     let position = a.through;
-    catalog::privileged(cat, || {
-        Spi::connect(|_| spi::exec(&ADVANCE, &[p.id.into_datum(), spi::int8(position)], Snap::Fresh, 0))
+    let advanced = catalog::privileged(cat, || {
+        Spi::connect(|_| {
+            !spi::exec(&ADVANCE, &[p.id.into_datum(), spi::int8(position), spi::int8(p.position)], Snap::Fresh, 0)
+                .is_empty()
+        })
     });
+    if !advanced {
+        crate::handoff::raise_overtaken(&p.name);
+    }
     Some(Progress::Busy)
 }
 
@@ -104,8 +110,12 @@ pub fn step(cat: &Catalog, p: &Projection) -> Option<Progress> {
     deliver(cat, p, &p.live_handler(), &st)
 }
 
+// A rebuild replays the whole log, skipped events included: the skips recorded for the projection
+// end with it (README, "Async").
 static ASYNC_RESET: Stmt = Stmt {
-    sql: "UPDATE ep.projections SET position = 0, status = 'rebuilding', generation = generation + 1, \
+    sql:
+        "WITH s AS (DELETE FROM ep.skipped_events WHERE projection = (SELECT name FROM ep.projections WHERE id = $1)) \
+          UPDATE ep.projections SET position = 0, status = 'rebuilding', generation = generation + 1, \
                  attempts = 0, failing_position = NULL, last_error = NULL WHERE id = $1",
     types: &[pg_sys::INT4OID],
 };
@@ -118,15 +128,35 @@ static ASYNC_DONE: Stmt = Stmt {
 };
 
 static PROGRESS: Stmt = Stmt {
-    sql: "UPDATE ep.rebuilds SET checkpoint = $2, events_done = events_done + $3, \
-                 events_total = GREATEST(events_total, events_done + $3) WHERE id = $1",
-    types: &[pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID],
+    sql:
+        "UPDATE ep.rebuilds SET checkpoint = $2, events_done = events_done + $3, \
+                 events_total = GREATEST(events_total, events_done + $3) WHERE id = $1 AND checkpoint = $4 RETURNING id",
+    types: &[pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID],
 };
+
+/// Advances a rebuild's checkpoint from `from`, or raises when another process did meanwhile.
+fn advance_rebuild(cat: &Catalog, p: &Projection, r: &Rebuild, to: i64, events: i64) {
+    let moved = catalog::privileged(cat, || {
+        Spi::connect(|_| {
+            !spi::exec(
+                &PROGRESS,
+                &[r.id.into_datum(), spi::int8(to), spi::int8(events), spi::int8(r.checkpoint)],
+                Snap::Fresh,
+                0,
+            )
+            .is_empty()
+        })
+    });
+    if !moved {
+        crate::handoff::raise_overtaken(&p.name);
+    }
+}
 
 static SWITCH: Stmt = Stmt {
     sql: "WITH p AS (UPDATE ep.projections SET position = $3, handler = COALESCE($4::oid::regprocedure, handler), \
                      batch = COALESCE($5, batch), status = 'active', generation = generation + 1, \
-                     attempts = 0, failing_position = NULL, last_error = NULL WHERE id = $1) \
+                     attempts = 0, failing_position = NULL, last_error = NULL WHERE id = $1), \
+               s AS (DELETE FROM ep.skipped_events WHERE projection = (SELECT name FROM ep.projections WHERE id = $1)) \
           UPDATE ep.rebuilds SET status = 'done', phase = 'done', finished_at = pg_catalog.now(), \
                  checkpoint = $3, previous_schema = $6, events_total = events_done WHERE id = $2",
     types: &[pg_sys::INT4OID, pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::OIDOID, pg_sys::BOOLOID, pg_sys::TEXTOID],
@@ -157,7 +187,7 @@ fn rebuild_step(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
                 return Progress::Finished;
             }
             let applied = replay_count(p, r.checkpoint, now);
-            exec(cat, &PROGRESS, &[r.id.into_datum(), spi::int8(now), spi::int8(applied)]);
+            advance_rebuild(cat, p, r, now, applied);
             progress.unwrap_or(Progress::Busy)
         }
         (Strategy::BlueGreen, "queued") => {
@@ -176,9 +206,9 @@ fn rebuild_step(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
             let mut checkpoint = r.checkpoint;
             if checkpoint < hw {
                 let filter = Filter { types: p.event_types.as_ref(), skip: None };
-                let a = replay::apply(&h, filter, cat.events_type, checkpoint, hw, registry::batch_size(), Snap::Fresh);
+                let a = replay::apply_step(&h, filter, cat.events_type, checkpoint, hw, registry::batch_size());
                 checkpoint = a.through;
-                exec(cat, &PROGRESS, &[r.id.into_datum(), spi::int8(checkpoint), spi::int8(a.events)]);
+                advance_rebuild(cat, p, r, checkpoint, a.events);
             }
             if checkpoint < live {
                 return Progress::Busy;
@@ -357,7 +387,8 @@ pub fn wait_for(
     let name = required_text(name, "projection")?;
     let position = required(position, "global_position")?;
     let timeout = required(timeout, "timeout")?;
-    let micros = rebuild::interval_micros(&timeout);
+    let micros = crate::pg::backend::interval_micros(&timeout)
+        .map_err(|problem| ArgError::Invalid { arg: "timeout", problem })?;
     let start = std::time::Instant::now();
     loop {
         let p = registry::by_name(name).ok_or_else(|| RegistryError::Unknown(name.into()))?;

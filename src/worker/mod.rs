@@ -323,6 +323,10 @@ fn step(id: i32) -> Outcome {
         let a = std::ffi::CString::new(activity).unwrap_or_default();
         pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, a.as_ptr());
     }
+    // User code in the step may release this process's session locks (pg_advisory_unlock_all), and
+    // then another worker may run the projection at the same time. Every checkpoint moves only from
+    // the position its step started at (`rebuild::advance`, `delivery::deliver`): of two such steps
+    // one commits, the other rolls back, so nothing is applied twice.
     match p.mode {
         ProjectionMode::Inline => match rebuild::open(p.id) {
             Some(r) => Outcome::Progress(rebuild::step_inline(&cat, &p, &r)),
