@@ -15,7 +15,7 @@
 #   BENCH_STALL_HIST, BENCH_LAG_RATE, BENCH_MEM_EVENT=0|1 (also the per-event handler in the memory
 #   figure; default 1 in full mode), BENCH_BIG_BATCH (batch_size of figure 4's large-batch variant,
 #   default 100000),
-#   BENCH_SKIP="memory lag ..." (phases to skip: rebuild append sync stall lag memory)
+#   BENCH_SKIP="memory lag ..." (phases to skip: rebuild append sync stall lag poll memory)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/env.sh
@@ -390,6 +390,37 @@ EOF
   record lag rate 1 appends_per_s "$tps"; record lag cpu 1 us_per_append "$(calc "($b - $a) * 1e6 / $n")"
   log "  $(python3 -c "import json; d = json.load(open('$OUT/lag.json')); print('; '.join(f\"{k}: median {v['median']} ms, p99 {v['p99']} ms, max {v['max']} ms (n={v['n']})\" for k, v in d.items()))")"
   qb -c "SELECT ep_unregister_projection('lag')" -c "ALTER SYSTEM RESET track_commit_timestamp" >/dev/null
+fi
+
+# ------------------------------------------------------------------------------------------------
+# Subscription wake-up lag: a consumer blocked in ep_poll(..., wait) while pgbench appends at a
+# fixed rate; the lag of an event is from the commit of its append to the return of the poll that
+# delivered it (bench/poll_lag.py). Needs Python with psycopg 3 (Debian's python3-psycopg).
+if ! skip poll; then
+  qb -c "ALTER SYSTEM SET track_commit_timestamp = on" >/dev/null
+  cluster_restart
+  qb -c "SELECT ep_subscribe('bench_poll', '{Paid}')" \
+     -c "UPDATE ep.subscription_members SET position = (SELECT last_value FROM ep.global_position_seq) WHERE subscription = 'bench_poll'" >/dev/null
+  log "poll lag: $LAG_RATE appends/s for $LAG_T s, one consumer waiting in ep_poll"
+  "${EP_PYTHON3:-/usr/bin/python3}" bench/poll_lag.py "host=127.0.0.1 port=$BENCH_PORT user=postgres dbname=$BENCH_DB" \
+    bench_poll "$((LAG_T + 2))" "$OUT/poll.tsv" &
+  consumer=$!; BG_PIDS+=("$consumer")
+  sleep 1
+  "$PGBENCH" -n -M prepared -c "$CLIENTS" -j "$THREADS" -T "$LAG_T" -R "$LAG_RATE" -D accounts="$APPEND_ACCOUNTS" \
+    -h 127.0.0.1 -p "$BENCH_PORT" -U postgres -f bench/pgbench/ep_append_async.sql "$BENCH_DB" > "$OUT/poll.pgbench.txt" 2>&1 ||
+    { cat "$OUT/poll.pgbench.txt"; die "pgbench failed in the poll run"; }
+  wait "$consumer" || die "the poll consumer failed"
+  python3 bench/lib.py lag "$OUT/poll.json" "$OUT/poll.tsv" > /dev/null
+  python3 - "$OUT/poll.json" "$RES" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))["poll"]
+with open(sys.argv[2], "a") as f:
+    for m in ("median", "p90", "p99", "max"):
+        f.write(f"poll\twake\t1\t{m}_ms\t{d[m]}\n")
+EOF
+  record poll rate 1 appends_per_s "$(grep -oP 'tps = \K[0-9.]+' "$OUT/poll.pgbench.txt")"
+  log "  $(python3 -c "import json; v = json.load(open('$OUT/poll.json'))['poll']; print(f\"ep_poll wake-up: median {v['median']} ms, p99 {v['p99']} ms, max {v['max']} ms (n={v['n']})\")")"
+  qb -c "SELECT ep_unsubscribe('bench_poll')" -c "ALTER SYSTEM RESET track_commit_timestamp" >/dev/null
 fi
 
 # ------------------------------------------------------------------------------------------------

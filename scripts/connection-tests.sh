@@ -30,6 +30,11 @@ python_with_psycopg2() {
   python3 -c 'import psycopg2' && echo python3
 }
 PYTHON=$(python_with_psycopg2)
+# The external consumers of the subscription tests: Python with psycopg 3 (Debian's python3-psycopg,
+# from setup.sh) and Node with node-postgres (npm).
+export EP_PYTHON3=${EP_PYTHON3:-/usr/bin/python3}
+"$EP_PYTHON3" -c 'import psycopg' || { echo "connection-tests: $EP_PYTHON3 has no psycopg 3 (run make setup)" >&2; exit 1; }
+(cd examples/node && npm install --silent --no-audit --no-fund)
 
 mkdir -p "$(dirname "$EP_DATA")"
 trap 'bash scripts/cluster.sh stop' EXIT

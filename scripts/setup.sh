@@ -9,7 +9,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 need_apt=()
 for pkg in postgresql-$PGVER postgresql-server-dev-$PGVER sudo libclang-dev clang pkg-config \
-           libssl-dev bison flex libreadline-dev zlib1g-dev spin python3-psycopg2; do
+           libssl-dev bison flex libreadline-dev zlib1g-dev spin python3-psycopg2 python3-psycopg; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -17,6 +17,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# The Node example consumer (examples/node) needs node and npm; an image may ship its own node.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "setup: installing nodejs and npm"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
 
 # The Debian package creates a default cluster we do not use; stop it so it does not hold port 5432.

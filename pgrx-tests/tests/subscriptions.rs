@@ -51,9 +51,11 @@ fn assert_stream_order(what: &str, got: &[Got]) {
 }
 
 /// Eight writers hold transactions open for random times and roll some back; two subscriptions
-/// of three members each and an `ep_read_all` poller consume meanwhile. Each consumer receives
-/// exactly the committed events of its share, each stream in order, nothing twice (no consumer
-/// crashed), and the poller exactly the committed log.
+/// of three members each and an `ep_read_all` poller consume meanwhile. Every seventh batch a
+/// consumer "crashes": it processes half the batch and reconnects without acknowledging. Each
+/// consumer receives every committed event of its share and nothing else, each stream in order
+/// within each run, and again only what it had not acknowledged; the poller exactly the committed
+/// log.
 #[test]
 fn consumers_receive_every_committed_event_of_their_share_in_order() {
     let db = TestDb::new("subs_writers");
@@ -62,22 +64,35 @@ fn consumers_receive_every_committed_event_of_their_share_in_order() {
     let seed = seed("consumers_receive_every_committed_event_of_their_share_in_order");
     let stop = &AtomicBool::new(false);
     let db = &db;
-    let consumed: Vec<(String, i32, Vec<Got>)> = std::thread::scope(|s| {
+    // (subscription, member, the runs between crashes, events processed and not acknowledged)
+    type Consumed = (String, i32, Vec<Vec<Got>>, usize);
+    let consumed: Vec<Consumed> = std::thread::scope(|s| {
         let mut consumers = Vec::new();
         for sub in ["all", "some"] {
             for member in 0..3 {
                 consumers.push(s.spawn(move || {
                     let mut c = db.connect();
-                    let mut got = Vec::new();
+                    let (mut runs, mut unacked, mut batches) = (vec![Vec::new()], 0usize, 0usize);
                     loop {
                         let stopping = stop.load(Ordering::SeqCst);
                         let batch = poll(&mut c, sub, member, 50, "200 ms");
-                        if let Some(last) = batch.last() {
-                            ack(&mut c, sub, member, last.0);
-                        } else if stopping {
-                            return (sub.to_string(), member, got);
+                        if batch.is_empty() {
+                            if stopping {
+                                return (sub.to_string(), member, runs, unacked);
+                            }
+                            continue;
                         }
-                        got.extend(batch);
+                        batches += 1;
+                        if batches % 7 == 0 {
+                            let half = batch.len().div_ceil(2);
+                            runs.last_mut().unwrap().extend(batch.into_iter().take(half));
+                            unacked += half;
+                            c = db.connect(); // the crash: the next run starts after the last ack
+                            runs.push(Vec::new());
+                            continue;
+                        }
+                        ack(&mut c, sub, member, batch.last().unwrap().0);
+                        runs.last_mut().unwrap().extend(batch);
                     }
                 }));
             }
@@ -140,19 +155,29 @@ fn consumers_receive_every_committed_event_of_their_share_in_order() {
         consumers.into_iter().map(|h| h.join().expect("consumer")).collect()
     });
     let log = check_log(&mut c);
-    for (sub, member, got) in &consumed {
-        let expected: Vec<Got> = log
+    let (mut total, mut crashes) = (0, 0);
+    for (sub, member, runs, unacked) in &consumed {
+        let expected: BTreeSet<Got> = log
             .iter()
             .filter(|e| *sub == "all" || e.event_type != "B")
             .filter(|e| member_of(&mut c, &e.stream_id, 3) == *member)
             .map(|e| (e.global_position, e.stream_id.clone(), e.stream_position))
             .collect();
-        assert_eq!(got, &expected, "subscription {sub} member {member}");
-        assert_stream_order(&format!("{sub}/{member}"), got);
+        let received: Vec<&Got> = runs.iter().flatten().collect();
+        let unique: BTreeSet<Got> = received.iter().map(|g| (*g).clone()).collect();
+        assert_eq!(unique, expected, "subscription {sub} member {member}: missing or foreign events");
+        assert!(received.len() - unique.len() <= *unacked, "{sub}/{member}: duplicates of acknowledged events");
+        for (i, run) in runs.iter().enumerate() {
+            assert_stream_order(&format!("{sub}/{member} run {i}"), run);
+        }
+        if *sub == "all" {
+            total += unique.len();
+        }
+        crashes += runs.len() - 1;
     }
-    let total: usize = consumed.iter().filter(|c| c.0 == "all").map(|c| c.2.len()).sum();
     assert_eq!(total, log.len(), "the members of 'all' together received the whole log");
     assert!(log.len() > 300, "the writers barely wrote ({} events)", log.len());
+    assert!(crashes > 0, "no consumer crashed");
 }
 
 /// A consumer killed in the middle of a batch (its connection dropped before the ack) and started
@@ -319,4 +344,90 @@ fn fill_log(c: &mut Client, n: usize) {
          FROM generate_series(1, {n}) i"
     ))
     .unwrap();
+}
+
+/// The example consumers (Python with psycopg 3, Node with node-postgres), killed in the middle of
+/// a batch and started again, end up with every event of the log: each run in stream order, and
+/// what they processed twice is at most the batch they had not acknowledged when killed.
+#[test]
+fn the_example_consumers_survive_being_killed() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+    let python = std::env::var("EP_PYTHON3").unwrap_or_else(|_| "/usr/bin/python3".into());
+    let consumers: [(&str, Vec<String>); 2] = [
+        ("python", vec![python, format!("{examples}/python/consumer.py")]),
+        ("node", vec!["node".into(), format!("{examples}/node/consumer.js")]),
+    ];
+    for (lang, command) in consumers {
+        let db = TestDb::new(&format!("subs_example_{lang}"));
+        let mut c = db.connect();
+        c.batch_execute("SELECT ep_subscribe('ex')").unwrap();
+        fill_log(&mut c, 400);
+        let head: i64 = c.query_one("SELECT max(global_position) FROM ep.events", &[]).unwrap().get(0);
+        let out = std::env::temp_dir().join(format!("ep-consumer-{lang}-{}.txt", std::process::id()));
+        let _ = std::fs::remove_file(&out);
+        let start = |delay: &str| {
+            std::process::Command::new(&command[0])
+                .arg(&command[1])
+                .args([conninfo(&db.name).as_str(), "ex", "0", out.to_str().unwrap(), &head.to_string(), delay])
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting the {lang} consumer ({command:?}): {e}"))
+        };
+        let lines = |out: &std::path::Path| std::fs::read_to_string(out).map(|s| s.lines().count()).unwrap_or(0);
+        // First run: slow, killed (SIGKILL) in the middle of its second batch.
+        let mut first = start("20");
+        let reached = wait_until(Duration::from_secs(60), || Ok(lines(&out) >= 70)).unwrap();
+        first.kill().unwrap();
+        first.wait().unwrap();
+        assert!(reached, "the {lang} consumer processed nothing");
+        let before_restart = lines(&out);
+        // Second run: to the end.
+        let status = start("0").wait().unwrap();
+        assert!(status.success(), "the {lang} consumer failed: {status}");
+        let got: Vec<Got> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                (f[0].parse().unwrap(), f[1].to_string(), f[2].parse().unwrap())
+            })
+            .collect();
+        let _ = std::fs::remove_file(&out);
+        let log = check_log(&mut c);
+        let unique: BTreeSet<i64> = got.iter().map(|g| g.0).collect();
+        assert_eq!(unique, log.iter().map(|e| e.global_position).collect::<BTreeSet<_>>(), "{lang}: events were lost");
+        assert_stream_order(&format!("{lang}, first run"), &got[..before_restart]);
+        assert_stream_order(&format!("{lang}, second run"), &got[before_restart..]);
+        let duplicates = got.len() - unique.len();
+        assert!(duplicates <= 50, "{lang}: {duplicates} events processed twice, more than the batch killed");
+    }
+}
+
+/// The reader's classic skip, made deterministic: position p1 is taken by a transaction that is
+/// still open while p2 > p1 commits. `ep_read_all` must not return p2 before p1 is resolved; a
+/// reader that continues after the last position it received then gets p1 and p2, in order.
+#[test]
+fn ep_read_all_never_passes_a_position_in_flight() {
+    let db = TestDb::new("subs_read_all");
+    let mut c = db.connect();
+    let mut late = db.connect();
+    let read = |c: &mut Client, after: i64| -> Vec<i64> {
+        c.query("SELECT global_position FROM ep_read_all($1)", &[&after]).unwrap().iter().map(|r| r.get(0)).collect()
+    };
+    let p0 = append(&mut c, "s", "T", &json!({}), None).unwrap();
+    late.batch_execute("BEGIN").unwrap();
+    let p1 = append(&mut late, "a", "T", &json!({}), None).unwrap();
+    let p2 = append(&mut c, "b", "T", &json!({}), None).unwrap();
+    assert!(p0 < p1 && p1 < p2);
+    let first = read(&mut c, 0);
+    assert_eq!(first, vec![p0], "a position above one still in flight was returned");
+    late.batch_execute("COMMIT").unwrap();
+    assert_eq!(read(&mut c, *first.last().unwrap()), vec![p1, p2]);
+    // A rolled-back position is a gap, passed as soon as its transaction ends.
+    late.batch_execute("BEGIN").unwrap();
+    append(&mut late, "a", "T", &json!({}), None).unwrap();
+    let p4 = append(&mut c, "b", "T", &json!({}), None).unwrap();
+    assert!(read(&mut c, p2).is_empty());
+    late.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(read(&mut c, p2), vec![p4]);
+    assert_eq!(c.query_one("SELECT ep_high_water()", &[]).unwrap().get::<_, i64>(0), p4);
 }
