@@ -67,8 +67,10 @@ CREATE TABLE ep.rebuilds (
     projection       text        NOT NULL,
     strategy         text        NOT NULL CHECK (strategy IN ('in_place', 'blue_green')),
     status           text        NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
-    -- queued -> started (read model emptied / copy created) -> replaying -> done
-    phase            text        NOT NULL DEFAULT 'queued',
+    -- queued -> replaying (the read model emptied, or the copy created) -> done | failed | cancelled;
+    -- the values of `rebuild::Phase`
+    phase            text        NOT NULL DEFAULT 'queued'
+                     CHECK (phase IN ('queued', 'replaying', 'done', 'failed', 'cancelled')),
     new_handler      regprocedure,
     setup_function   regprocedure,
     build_schema     text,

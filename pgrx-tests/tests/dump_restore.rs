@@ -39,10 +39,12 @@ fn rows(c: &mut Client, table: &str, order: &str) -> Vec<String> {
         .collect()
 }
 
-const TABLES: [(&str, &str); 4] = [
+const TABLES: [(&str, &str); 6] = [
     ("ep.events", "global_position"),
     ("ep.streams", "stream_id"),
     ("ep.projections", "id"),
+    ("ep.subscriptions", "name"),
+    ("ep.subscription_members", "subscription, member"),
     ("rm.counts", "stream_id"),
 ];
 
@@ -65,6 +67,11 @@ fn dump_and_restore() {
     append(&mut tx, "acct-1", "Deposited", &json!({"amount": -1}), None).unwrap();
     tx.rollback().unwrap();
     let burned: i64 = c.query_one("SELECT last_value FROM ep.global_position_seq", &[]).unwrap().get(0);
+    // A durable subscription with a member part-way through the log.
+    c.batch_execute("SELECT ep_subscribe('sub', NULL, 2)").unwrap();
+    let polled: Vec<i64> =
+        c.query("SELECT global_position FROM ep_poll('sub', 0, 5)", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    c.execute("SELECT ep_ack('sub', 0, $1)", &[polled.last().unwrap()]).unwrap();
     let source_log = assert_counts_match_log(&mut c, "rm");
     assert!(burned > source_log.last().unwrap().global_position);
 
@@ -80,6 +87,11 @@ fn dump_and_restore() {
         assert_eq!(rows(&mut r, table, order), rows(&mut c, table, order), "{table} after restore");
     }
     let restored_log = assert_counts_match_log(&mut r, "rm");
+    // The subscription goes on from its acknowledged position.
+    let next = |c: &mut Client| -> Vec<i64> {
+        c.query("SELECT global_position FROM ep_poll('sub', 0, 5)", &[]).unwrap().iter().map(|r| r.get(0)).collect()
+    };
+    assert_eq!(next(&mut r), next(&mut c), "the restored subscription does not continue where it was");
 
     // New appends continue the log: positions past everything the source handed out, the stream
     // versions continued, the inline projection applied.

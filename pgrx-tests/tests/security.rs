@@ -175,6 +175,11 @@ fn what_a_projection_uses_cannot_be_dropped_from_under_it() {
     counts_model_of(&mut admin, &alice, "dep_rm");
     let mut a = alice.connect();
     register_as(&mut a, "dep", "dep_rm.count_event(ep.events)", "inline", "dep_rm").unwrap();
+    // The owner role owns the function and the schema: DROP ROLE refuses (PostgreSQL's own
+    // dependency), and DROP OWNED, which would drop them, meets the guard.
+    let err =
+        expect_sqlstate(admin.batch_execute("DROP ROLE sec_dep_alice"), &SqlState::DEPENDENT_OBJECTS_STILL_EXIST, "DROP ROLE");
+    assert!(err.message().contains("sec_dep_alice"), "{}", err.message());
     for sql in
         ["DROP FUNCTION dep_rm.count_event(ep.events)", "DROP SCHEMA dep_rm CASCADE", "DROP OWNED BY sec_dep_alice"]
     {
@@ -701,4 +706,38 @@ fn slow_handlers_cannot_hold_the_workers() {
     let p = append(&mut admin, "acct", "Deposited", &json!({}), None).unwrap();
     // Before the fix this took a whole batch of the hogs: 40 events x 0.5 s per worker.
     assert!(wait_for(&mut admin, "hogged", p, "10 seconds"), "a slow projection kept the workers from another role's");
+}
+
+/// A handler stuck in a worker (it catches the cancel) holds the locks of its step; DROP EXTENSION
+/// waits for them no longer than `handler_timeout` plus the second of grace.
+#[test]
+fn a_stuck_handler_does_not_hold_drop_extension() {
+    let (_served, mut admin) = Served::fresh();
+    settings(&mut admin, &["ALTER SYSTEM SET event_projections.handler_timeout = '1s'"]);
+    let _reset = ResetOnDrop("ALTER SYSTEM RESET event_projections.handler_timeout");
+    let mallory = Role::create(&served_db(), "sec_drop_mal", Grants::ProjectionOwner);
+    schema_for(
+        &mut admin,
+        &mallory,
+        "w_stuck2",
+        "CREATE FUNCTION w_stuck2.h(e ep.events) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN LOOP BEGIN PERFORM pg_sleep(0.05); EXCEPTION WHEN query_canceled THEN NULL; END; END LOOP; END $$;",
+    );
+    register_as(&mut mallory.connect(), "stuck", "w_stuck2.h(ep.events)", "async", "w_stuck2").unwrap();
+    append(&mut admin, "s", "T", &json!({}), None).unwrap();
+    let running = wait_until(Duration::from_secs(20), || {
+        Ok(admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'event_projections worker' AND query LIKE '%delivering to stuck%'",
+                &[],
+            )?
+            .get::<_, i64>(0)
+            > 0)
+    })
+    .unwrap();
+    assert!(running, "the worker never ran the stuck handler");
+    let t = Instant::now();
+    admin.batch_execute("SET lock_timeout = '10s'; DROP EXTENSION event_projections CASCADE").unwrap();
+    assert!(t.elapsed() < Duration::from_secs(6), "DROP EXTENSION waited {:?} for a stuck handler", t.elapsed());
+    admin.batch_execute("RESET lock_timeout; CREATE EXTENSION event_projections").unwrap();
 }

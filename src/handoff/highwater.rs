@@ -11,7 +11,9 @@ use pgrx::prelude::*;
 /// so this reads the current value whatever the snapshot. Under a hand-off lock it bounds the
 /// catch-up: positions handed out later belong to appends that will apply their own events.
 pub fn last_value() -> i64 {
-    crate::pg::catalog::read(|| Spi::connect(|_| spi::exec(&LAST_VALUE, &[], Snap::Fresh, 0).get(0, 1).unwrap_or(0)))
+    crate::pg::catalog::read(|| {
+        Spi::connect(|client| spi::exec(client, &LAST_VALUE, &[], Snap::Fresh, 0).get(0, 1).unwrap_or(0))
+    })
 }
 
 static LAST_VALUE: Stmt =
@@ -21,9 +23,19 @@ static LAST_VALUE: Stmt =
 /// caller must read the events with a snapshot taken after this returns (H4): at READ COMMITTED,
 /// any statement executed afterwards.
 pub fn compute() -> i64 {
+    compute_with(inflight::horizon)
+}
+
+/// `compute` for a reader of the log outside the protocol's own steps (`ep_read_all`, `ep_poll`):
+/// positions its own transaction holds are visible to it and do not hold it back.
+pub fn compute_for_reader() -> i64 {
+    compute_with(inflight::horizon_for_own_reads)
+}
+
+fn compute_with(horizon: fn(i64) -> Horizon) -> i64 {
     loop {
         let l = last_value();
-        match inflight::horizon(l) {
+        match horizon(l) {
             Horizon::UpTo(hw) => return hw,
             // SAFETY: a sleep and an interrupt check in a backend, outside any critical section.
             Horizon::Unsettled => unsafe {

@@ -242,12 +242,27 @@ pub enum Horizon {
 /// H2..H3: `last_value` must have been read (H1) before this call, and the events must be read
 /// with a snapshot taken after it (H4).
 pub fn horizon(last_value: i64) -> Horizon {
+    horizon_skipping(last_value, None)
+}
+
+/// `horizon`, leaving out this backend's own slot: for a reader in the transaction that holds
+/// those positions, to which its own events are visible (and which, rolled back, takes whatever
+/// it read of them back with it).
+pub fn horizon_for_own_reads(last_value: i64) -> Horizon {
+    horizon_skipping(last_value, Some(my_procno()))
+}
+
+fn horizon_skipping(last_value: i64, skip: Option<usize>) -> Horizon {
     let db = my_database();
     // min_position first: its store follows the database store in the appender.
     horizon_of(
         last_value,
         db,
-        slots().iter().map(|s| (s.min_position.load(Ordering::SeqCst), s.database.load(Ordering::SeqCst))),
+        slots()
+            .iter()
+            .enumerate()
+            .filter(|(procno, _)| Some(*procno) != skip)
+            .map(|(_, s)| (s.min_position.load(Ordering::SeqCst), s.database.load(Ordering::SeqCst))),
     )
 }
 

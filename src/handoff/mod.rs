@@ -168,9 +168,9 @@ pub fn first_crossed<'a>(latest: &'a [(i32, i64, &'a str)]) -> Option<&'a str> {
     }
     let ids: Vec<i32> = latest.iter().map(|l| l.0).collect();
     let seen: Vec<(i32, i64)> = crate::pg::catalog::read(|| {
-        Spi::connect(|_| {
+        Spi::connect(|client| {
             // Snap::Fresh under REPEATABLE READ / SERIALIZABLE is the transaction snapshot.
-            let rows = spi::exec(&GENERATIONS_IN_SNAPSHOT, &[ids.into_datum()], Snap::Fresh, 0);
+            let rows = spi::exec(client, &GENERATIONS_IN_SNAPSHOT, &[ids.into_datum()], Snap::Fresh, 0);
             (0..rows.len()).map(|i| (rows.get(i, 1).unwrap_or(0), rows.get(i, 2).unwrap_or(0))).collect()
         })
     });

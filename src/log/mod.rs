@@ -191,12 +191,12 @@ pub fn append_many(stream: Option<&str>, events: Option<RawJsonb>, expected: Opt
     let invalid = |problem: String| LogError::Arg(ArgError::Invalid { arg: "events", problem });
     // SAFETY: a plain read of the current memory context.
     let cxt = unsafe { pg_sys::CurrentMemoryContext };
-    let parsed: Result<Vec<NewEvent>, LogError> = Spi::connect(|_| {
-        let top: Option<String> = spi::exec(&TYPEOF, &[Some(events.0)], Snap::Fresh, 0).get(0, 1);
+    let parsed: Result<Vec<NewEvent>, LogError> = Spi::connect(|client| {
+        let top: Option<String> = spi::exec(client, &TYPEOF, &[Some(events.0)], Snap::Fresh, 0).get(0, 1);
         if top.as_deref() != Some("array") {
             return Err(invalid(format!("expected a JSON array, got {}", top.unwrap_or_default())));
         }
-        let rows = spi::exec(&ELEMENTS, &[Some(events.0)], Snap::Fresh, 0);
+        let rows = spi::exec(client, &ELEMENTS, &[Some(events.0)], Snap::Fresh, 0);
         if rows.is_empty() {
             return Err(invalid("the array is empty".into()));
         }
@@ -273,10 +273,11 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
     // SAFETY: a plain read of the current memory context.
     let cxt = unsafe { pg_sys::CurrentMemoryContext };
     let written: Result<(Vec<pg_sys::Datum>, Vec<i64>), LogError> = catalog::privileged(&cat, || {
-        Spi::connect(|_| {
+        Spi::connect(|client| {
             // A7: the stream row lock, then the expected version, before any position is taken.
-            let version: i64 =
-                spi::exec(&UPSERT_STREAM, &[spi::text(stream), spi::int8(n)], Snap::Fresh, 0).get(0, 1).unwrap_or(n);
+            let version: i64 = spi::exec(client, &UPSERT_STREAM, &[spi::text(stream), spi::int8(n)], Snap::Fresh, 0)
+                .get(0, 1)
+                .unwrap_or(n);
             let before = version - n;
             if let Some(exp) = expected {
                 if exp != before {
@@ -296,6 +297,7 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
             let rows = if events.len() == 1 {
                 let e = &events[0];
                 spi::exec(
+                    client,
                     &INSERT_ONE[returning],
                     &[
                         spi::int8(positions[0]),
@@ -313,6 +315,7 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
                 let data: Vec<pg_sys::Datum> = events.iter().map(|e| e.data).collect();
                 let meta = metadata_array(events);
                 spi::exec(
+                    client,
                     &INSERT_MANY[returning],
                     &[
                         positions.clone().into_datum(),

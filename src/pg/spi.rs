@@ -7,6 +7,7 @@
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -50,13 +51,15 @@ fn plan_for(stmt: &Stmt) -> pg_sys::SPIPlanPtr {
     }
 }
 
-/// The rows a statement returned. Valid until the enclosing `Spi::connect` ends.
-pub struct Rows {
+/// The rows a statement returned. They borrow the SPI connection they came from, so they cannot
+/// outlive it (the tuple table is freed when the connection ends).
+pub struct Rows<'c> {
     table: *mut pg_sys::SPITupleTable,
     len: usize,
+    _client: std::marker::PhantomData<&'c SpiClient<'c>>,
 }
 
-impl Rows {
+impl Rows<'_> {
     pub fn len(&self) -> usize {
         self.len
     }
@@ -82,9 +85,17 @@ impl Rows {
     }
 
     /// Column `col` (1-based) of row `row` (0-based), converted; None when NULL or when there is
-    /// no such row.
-    pub fn get<T: FromDatum>(&self, row: usize, col: usize) -> Option<T> {
+    /// no such row. A column whose type is not one `T` can hold is an internal error (the
+    /// statements are the extension's own), raised rather than misread.
+    pub fn get<T: FromDatum + IntoDatum>(&self, row: usize, col: usize) -> Option<T> {
         let (d, isnull, typ) = self.raw(row, col);
+        if row < self.len && !T::is_compatible_with(typ) {
+            error!(
+                "event_projections: internal statement returned type {} in column {col}, not {}",
+                typ.to_u32(),
+                std::any::type_name::<T>()
+            );
+        }
         // SAFETY: the datum comes with its own type OID, so T's from_polymorphic_datum can check it.
         unsafe { T::from_polymorphic_datum(d, isnull, typ) }
     }
@@ -145,13 +156,21 @@ pub fn with_pinned_path<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Executes `stmt` with `args` (None = NULL) under `snap`, returning at most `limit` rows (0 = all).
-/// The statement is prepared and run under the pinned path (`with_pinned_path`), whoever calls.
-pub fn exec(stmt: &Stmt, args: &[Option<pg_sys::Datum>], snap: Snap, limit: i64) -> Rows {
+/// Executes `stmt` with `args` (None = NULL) under `snap` on the SPI connection `client`, returning
+/// at most `limit` rows (0 = all). The statement is prepared and run under the pinned path
+/// (`with_pinned_path`), whoever calls.
+pub fn exec<'c>(
+    client: &'c SpiClient<'_>,
+    stmt: &Stmt,
+    args: &[Option<pg_sys::Datum>],
+    snap: Snap,
+    limit: i64,
+) -> Rows<'c> {
+    let _ = client; // the connection the rows borrow
     with_pinned_path(|| exec_pinned(stmt, args, snap, limit))
 }
 
-fn exec_pinned(stmt: &Stmt, args: &[Option<pg_sys::Datum>], snap: Snap, limit: i64) -> Rows {
+fn exec_pinned<'c>(stmt: &Stmt, args: &[Option<pg_sys::Datum>], snap: Snap, limit: i64) -> Rows<'c> {
     assert_eq!(args.len(), stmt.types.len(), "argument count of {}", stmt.sql);
     let plan = plan_for(stmt);
     let mut values: Vec<pg_sys::Datum> = args.iter().map(|a| a.unwrap_or(pg_sys::Datum::from(0))).collect();
@@ -178,7 +197,7 @@ fn exec_pinned(stmt: &Stmt, args: &[Option<pg_sys::Datum>], snap: Snap, limit: i
         }
         let table = pg_sys::SPI_tuptable;
         let len = if table.is_null() { 0 } else { pg_sys::SPI_processed as usize };
-        Rows { table, len }
+        Rows { table, len, _client: std::marker::PhantomData }
     }
 }
 

@@ -9,33 +9,16 @@ use crate::pg::catalog::{self, Catalog};
 use crate::pg::error::{required, required_text, ArgError, SqlError};
 use crate::pg::settings;
 use crate::pg::spi::{self, Snap, Stmt};
-use crate::registry::{self, Projection, ProjectionMode, RegistryError};
+use crate::registry::{self, Projection, ProjectionMode, RegistryError, Status};
 use crate::sandbox::replay;
 use crate::sandbox::{self, quote_ident};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::fmt::Display;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Strategy {
-    InPlace,
-    BlueGreen,
-}
-
-impl Strategy {
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "in_place" => Some(Strategy::InPlace),
-            "blue_green" => Some(Strategy::BlueGreen),
-            _ => None,
-        }
-    }
-    fn as_str(self) -> &'static str {
-        match self {
-            Strategy::InPlace => "in_place",
-            Strategy::BlueGreen => "blue_green",
-        }
-    }
+crate::registry::sql_enum! {
+    /// `ep.rebuilds.strategy`.
+    Strategy { InPlace = "in_place", BlueGreen = "blue_green" }
 }
 
 #[derive(Debug)]
@@ -179,14 +162,15 @@ pub fn queue(
     check_model_schema(&p)?;
     inflight::require_worker()?;
     let existing = catalog::read(|| {
-        Spi::connect(|_| spi::exec(&OPEN_REBUILD, &[p.id.into_datum()], Snap::Latest, 0).get::<i64>(0, 1))
+        Spi::connect(|client| spi::exec(client, &OPEN_REBUILD, &[p.id.into_datum()], Snap::Latest, 0).get::<i64>(0, 1))
     });
     if let Some(id) = existing.filter(|_| true) {
         return Ok(id);
     }
     let id = catalog::privileged(&cat, || {
-        Spi::connect(|_| {
+        Spi::connect(|client| {
             let rows = spi::exec(
+                client,
                 &QUEUE,
                 &[
                     p.id.into_datum(),
@@ -209,7 +193,9 @@ pub fn queue(
         }
         // Lost a race with a concurrent ep_rebuild: return that one.
         None => Ok(catalog::read(|| {
-            Spi::connect(|_| spi::exec(&OPEN_REBUILD, &[p.id.into_datum()], Snap::Latest, 0).get::<i64>(0, 1))
+            Spi::connect(|client| {
+                spi::exec(client, &OPEN_REBUILD, &[p.id.into_datum()], Snap::Latest, 0).get::<i64>(0, 1)
+            })
         })
         .unwrap_or(0)),
     }
@@ -275,8 +261,8 @@ static REBUILD_STATUS: Stmt = Stmt {
 fn status_of(id: i64) -> Result<(String, bool), RebuildError> {
     let (status, xmin, requester, owner): (Option<String>, Option<i64>, Option<pg_sys::Oid>, Option<pg_sys::Oid>) =
         catalog::read(|| {
-            Spi::connect(|_| {
-                let r = spi::exec(&REBUILD_STATUS, &[id.into_datum()], Snap::Latest, 0);
+            Spi::connect(|client| {
+                let r = spi::exec(client, &REBUILD_STATUS, &[id.into_datum()], Snap::Latest, 0);
                 (r.get(0, 1), r.get(0, 2), r.get(0, 3), r.get(0, 4))
             })
         });
@@ -309,7 +295,10 @@ pub fn wait(id: Option<i64>, timeout: Option<pgrx::datum::Interval>) -> Result<S
     let start = std::time::Instant::now();
     loop {
         let (status, mine) = status_of(id)?;
-        if matches!(status.as_str(), "done" | "failed" | "cancelled") {
+        if matches!(
+            RebuildStatus::parse(&status),
+            Some(RebuildStatus::Done | RebuildStatus::Failed | RebuildStatus::Cancelled)
+        ) {
             return Ok(status);
         }
         // Queued (or cancelled) by this very transaction: the worker cannot see it before the
@@ -342,7 +331,7 @@ pub fn cancel(name: Option<&str>) -> Result<Option<i64>, RebuildError> {
         return Err(RegistryError::NotOwner { projection: name.into() }.into());
     }
     let id = catalog::privileged(&cat, || {
-        Spi::connect(|_| spi::exec(&CANCEL, &[p.id.into_datum()], Snap::Fresh, 0).get::<i64>(0, 1))
+        Spi::connect(|client| spi::exec(client, &CANCEL, &[p.id.into_datum()], Snap::Fresh, 0).get::<i64>(0, 1))
     });
     inflight::bump_epoch_at_commit();
     Ok(id)
@@ -352,6 +341,17 @@ pub fn cancel(name: Option<&str>) -> Result<Option<i64>, RebuildError> {
 // The steps the worker runs. Each is called inside its own transaction, by the process that holds
 // the projection's ownership lock.
 
+crate::registry::sql_enum! {
+    /// `ep.rebuilds.status`.
+    RebuildStatus { Queued = "queued", Running = "running", Done = "done", Failed = "failed", Cancelled = "cancelled" }
+}
+
+crate::registry::sql_enum! {
+    /// `ep.rebuilds.phase`: queued, then replaying (the model emptied or the copy created), then
+    /// the final status.
+    Phase { Queued = "queued", Replaying = "replaying", Done = "done", Failed = "failed", Cancelled = "cancelled" }
+}
+
 /// One open rebuild, as a step needs it.
 #[derive(Clone, Debug)]
 pub struct Rebuild {
@@ -359,7 +359,7 @@ pub struct Rebuild {
     pub target_position: i64,
     pub behind: Option<i64>,
     pub strategy: Strategy,
-    pub phase: String,
+    pub phase: Phase,
     pub new_handler: Option<pg_sys::Oid>,
     pub setup: Option<pg_sys::Oid>,
     pub build_schema: Option<String>,
@@ -378,12 +378,12 @@ static OPEN: Stmt = Stmt {
 
 /// The open rebuild of projection `id`, if any.
 pub fn open(id: i32) -> Option<Rebuild> {
-    Spi::connect(|_| {
-        let r = spi::exec(&OPEN, &[id.into_datum()], Snap::Fresh, 0);
+    Spi::connect(|client| {
+        let r = spi::exec(client, &OPEN, &[id.into_datum()], Snap::Fresh, 0);
         (!r.is_empty()).then(|| Rebuild {
             id: r.get(0, 1).unwrap_or(0),
             strategy: r.get::<String>(0, 2).and_then(|s| Strategy::parse(&s)).unwrap_or(Strategy::InPlace),
-            phase: r.get(0, 3).unwrap_or_default(),
+            phase: r.get::<String>(0, 3).and_then(|s| Phase::parse(&s)).unwrap_or(Phase::Queued),
             new_handler: r.get(0, 4),
             setup: r.get(0, 5),
             build_schema: r.get(0, 6),
@@ -408,7 +408,7 @@ pub enum Progress {
 }
 
 fn exec_priv(cat: &Catalog, stmt: &Stmt, args: &[Option<pg_sys::Datum>]) -> Option<i64> {
-    catalog::privileged(cat, || Spi::connect(|_| spi::exec(stmt, args, Snap::Fresh, 0).get::<i64>(0, 1)))
+    catalog::privileged(cat, || Spi::connect(|client| spi::exec(client, stmt, args, Snap::Fresh, 0).get::<i64>(0, 1)))
 }
 
 /// Runs one utility or DDL statement built at run time (every name in it quoted by
@@ -501,9 +501,9 @@ pub fn step_inline(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
     if r.cancel_requested {
         return cancel_running(cat, p, r);
     }
-    match (r.strategy, r.phase.as_str()) {
-        (Strategy::InPlace, "queued") => start_in_place(cat, p, r),
-        (Strategy::BlueGreen, "queued") => start_blue_green(cat, p, r),
+    match (r.strategy, r.phase) {
+        (Strategy::InPlace, Phase::Queued) => start_in_place(cat, p, r),
+        (Strategy::BlueGreen, Phase::Queued) => start_blue_green(cat, p, r),
         _ => replay_or_handoff(cat, p, r),
     }
 }
@@ -572,7 +572,7 @@ pub fn count_total(cat: &Catalog, p: &Projection, r: &Rebuild) {
 /// R0: the hand-off that empties the live model and makes appends skip the projection.
 fn start_in_place(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
     lock_for_handoff(p);
-    exec_priv(cat, &SET_STATUS, &[p.id.into_datum(), spi::text("rebuilding")]);
+    exec_priv(cat, &SET_STATUS, &[p.id.into_datum(), spi::text(Status::Rebuilding.as_str())]);
     truncate_model(p);
     mark_started(cat, r, None);
     inflight::bump_epoch_at_commit();
@@ -735,7 +735,7 @@ fn handoff_final(cat: &Catalog, p: &Projection, r: &Rebuild, h: &crate::sandbox:
     let mut previous = None;
     match r.strategy {
         Strategy::InPlace => {
-            exec_priv(cat, &SET_STATUS, &[p.id.into_datum(), spi::text("active")]);
+            exec_priv(cat, &SET_STATUS, &[p.id.into_datum(), spi::text(Status::Active.as_str())]);
         }
         Strategy::BlueGreen => {
             let prev = switch_schemas(cat, p, r);
@@ -755,7 +755,11 @@ fn handoff_final(cat: &Catalog, p: &Projection, r: &Rebuild, h: &crate::sandbox:
             previous = Some(prev);
         }
     }
-    exec_priv(cat, &FINISH, &[r.id.into_datum(), spi::text("done"), previous.as_deref().and_then(spi::text), None]);
+    exec_priv(
+        cat,
+        &FINISH,
+        &[r.id.into_datum(), spi::text(RebuildStatus::Done.as_str()), previous.as_deref().and_then(spi::text), None],
+    );
     inflight::bump_epoch_at_commit();
     Progress::Finished
 }
@@ -823,7 +827,7 @@ pub fn switch_schemas(cat: &Catalog, p: &Projection, r: &Rebuild) -> String {
 /// A cancel: blue-green drops its copy; in-place leaves the projection `stale` (its model was
 /// emptied and is incomplete; appends keep skipping it until a new rebuild).
 fn cancel_running(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
-    finish_unsuccessfully(cat, p, r, "cancelled", None)
+    finish_unsuccessfully(cat, p, r, RebuildStatus::Cancelled, None)
 }
 
 /// Ends a rebuild that will not complete (cancelled, or failed too often).
@@ -831,7 +835,7 @@ pub fn finish_unsuccessfully(
     cat: &Catalog,
     p: &Projection,
     r: &Rebuild,
-    status: &str,
+    status: RebuildStatus,
     error: Option<&str>,
 ) -> Progress {
     match r.strategy {
@@ -847,15 +851,15 @@ pub fn finish_unsuccessfully(
                 }
             }
         }
-        Strategy::InPlace if r.phase != "queued" && p.mode == ProjectionMode::Inline => {
+        Strategy::InPlace if r.phase != Phase::Queued && p.mode == ProjectionMode::Inline => {
             // Appends must keep skipping: the model is incomplete. No lock needed: the status was
             // already not `active`, so no append applies the handler either way.
-            exec_priv(cat, &SET_STATUS, &[p.id.into_datum(), spi::text("stale")]);
+            exec_priv(cat, &SET_STATUS, &[p.id.into_datum(), spi::text(Status::Stale.as_str())]);
             inflight::bump_epoch_at_commit();
         }
         Strategy::InPlace => {}
     }
-    exec_priv(cat, &FINISH, &[r.id.into_datum(), spi::text(status), None, error.and_then(spi::text)]);
+    exec_priv(cat, &FINISH, &[r.id.into_datum(), spi::text(status.as_str()), None, error.and_then(spi::text)]);
     Progress::Finished
 }
 

@@ -13,26 +13,34 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::fmt::Display;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProjectionMode {
-    Inline,
-    Async,
+/// Declares an enum whose variants stand for the SQL values of a status column, with the mapping
+/// in one place (the CHECK constraints of sql/schema.sql list the same values).
+macro_rules! sql_enum {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident = $sql:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name { $($variant),+ }
+        impl $name {
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($sql => Some($name::$variant),)+ _ => None }
+            }
+            #[allow(dead_code)] // not every column is written from Rust
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $sql),+ }
+            }
+        }
+    };
+}
+pub(crate) use sql_enum;
+
+sql_enum! {
+    /// `ep.projections.mode`.
+    ProjectionMode { Inline = "inline", Async = "async" }
 }
 
-impl ProjectionMode {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "inline" => Some(ProjectionMode::Inline),
-            "async" => Some(ProjectionMode::Async),
-            _ => None,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProjectionMode::Inline => "inline",
-            ProjectionMode::Async => "async",
-        }
-    }
+sql_enum! {
+    /// `ep.projections.status`.
+    Status { Active = "active", Rebuilding = "rebuilding", Stale = "stale", Failed = "failed" }
 }
 
 /// One row of ep.projections, as the code needs it.
@@ -47,14 +55,14 @@ pub struct Projection {
     pub schema: Option<String>,
     pub owner: pg_sys::Oid,
     pub search_path: String,
-    pub status: String,
+    pub status: Status,
     pub generation: i64,
     pub position: i64,
 }
 
 impl Projection {
     pub fn is_active(&self) -> bool {
-        self.status == "active"
+        self.status == Status::Active
     }
 
     /// The events this projection receives (inline projections never skip).
@@ -105,7 +113,8 @@ fn row_to_projection(rows: &spi::Rows, i: usize) -> Projection {
         schema: rows.get(i, 7),
         owner: rows.get(i, 8).unwrap_or(pg_sys::Oid::INVALID),
         search_path: rows.get(i, 9).unwrap_or_default(),
-        status: rows.get(i, 10).unwrap_or_default(),
+        // A value this code does not know is treated as not ready.
+        status: rows.get::<String>(i, 10).and_then(|s| Status::parse(&s)).unwrap_or(Status::Stale),
         generation: rows.get(i, 11).unwrap_or(0),
         position: rows.get(i, 12).unwrap_or(0),
     }
@@ -163,7 +172,7 @@ pub fn view_for_appends(cat: &Catalog) -> (std::rc::Rc<View>, Option<u64>) {
     // The epoch is read before the catalog: a change racing with this read leaves a view that is
     // at least as new as its epoch says, and the next call reads again.
     let view = std::rc::Rc::new(catalog::privileged(cat, || {
-        let projections = Spi::connect(|_| collect(&spi::exec(&ALL, &[], Snap::Latest, 0)));
+        let projections = Spi::connect(|client| collect(&spi::exec(client, &ALL, &[], Snap::Latest, 0)));
         View { projections, channels: crate::subscription::channels() }
     }));
     if let Some(epoch) = epoch {
@@ -180,7 +189,7 @@ pub fn inline_subscriber(p: &Projection, types: &[&str]) -> bool {
 /// Whether an append of `types` gives async projection `p` something to deliver (then its commit
 /// wakes the workers; other commits need not pay for a wake-up).
 pub fn async_subscriber(p: &Projection, types: &[&str]) -> bool {
-    p.mode == ProjectionMode::Async && p.status != "failed" && subscribes(p, types)
+    p.mode == ProjectionMode::Async && p.status != Status::Failed && subscribes(p, types)
 }
 
 /// Whether projection `p` receives events of any of `types`.
@@ -191,20 +200,24 @@ pub fn subscribes(p: &Projection, types: &[&str]) -> bool {
 /// A projection by name, read with a snapshot taken now.
 pub fn by_name(name: &str) -> Option<Projection> {
     catalog::read(|| {
-        Spi::connect(|_| collect(&spi::exec(&BY_NAME, &[spi::text(name)], Snap::Latest, 0)).into_iter().next())
+        Spi::connect(|client| {
+            collect(&spi::exec(client, &BY_NAME, &[spi::text(name)], Snap::Latest, 0)).into_iter().next()
+        })
     })
 }
 
 /// A projection by id, read with a snapshot taken now.
 pub fn by_id(id: i32) -> Option<Projection> {
     catalog::read(|| {
-        Spi::connect(|_| collect(&spi::exec(&BY_ID, &[id.into_datum()], Snap::Latest, 0)).into_iter().next())
+        Spi::connect(|client| {
+            collect(&spi::exec(client, &BY_ID, &[id.into_datum()], Snap::Latest, 0)).into_iter().next()
+        })
     })
 }
 
 /// Every projection, read with a snapshot taken now.
 pub fn all() -> Vec<Projection> {
-    catalog::read(|| Spi::connect(|_| collect(&spi::exec(&ALL, &[], Snap::Latest, 0))))
+    catalog::read(|| Spi::connect(|client| collect(&spi::exec(client, &ALL, &[], Snap::Latest, 0))))
 }
 
 /// Whether the handler takes `ep.events[]` (Some(true)), `ep.events` (Some(false)), or neither.
@@ -514,8 +527,9 @@ pub fn register(
     // handler yet, and whatever this transaction builds is not exposed half-done.
     let search_path = current_search_path();
     let id: i32 = catalog::privileged(&cat, || {
-        Spi::connect(|_| {
+        Spi::connect(|client| {
             let rows = spi::exec(
+                client,
                 &INSERT,
                 &[
                     spi::text(name),
@@ -583,8 +597,9 @@ pub fn unregister(name: Option<&str>) -> Result<(), RegistryError> {
     handoff::lock_patiently(handoff::REGISTRY, Mode::Exclusive, timeout);
     handoff::lock_patiently(p.id as u32, Mode::Exclusive, timeout);
     catalog::privileged(&cat, || {
-        Spi::connect(|_| {
+        Spi::connect(|client| {
             spi::exec(
+                client,
                 &Stmt {
                     // The projection's skips go with it: they are decisions about its events,
                     // and must not apply to whoever registers the name next.

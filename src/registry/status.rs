@@ -4,7 +4,7 @@
 use crate::handoff::{self, CrossedHandoff};
 use crate::pg::error::{required_text, ArgError, SqlError};
 use crate::pg::spi::{self, Snap, Stmt};
-use crate::registry::{self, ProjectionMode, RegistryError};
+use crate::registry::{self, ProjectionMode, RegistryError, Status};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::fmt::Display;
@@ -13,7 +13,7 @@ use std::fmt::Display;
 pub enum StatusError {
     Arg(ArgError),
     Registry(RegistryError),
-    NotReady { projection: String, status: String, progress: Option<String> },
+    NotReady { projection: String, status: Status, progress: Option<String> },
 }
 
 impl From<ArgError> for StatusError {
@@ -28,7 +28,7 @@ impl Display for StatusError {
             StatusError::Arg(e) => e.fmt(f),
             StatusError::Registry(e) => e.fmt(f),
             StatusError::NotReady { projection, status, progress } => {
-                write!(f, "projection \"{projection}\" is not ready: it is {status}")?;
+                write!(f, "projection \"{projection}\" is not ready: it is {}", status.as_str())?;
                 if let Some(p) = progress {
                     write!(f, " ({p})")?;
                 }
@@ -48,7 +48,7 @@ impl SqlError for StatusError {
     }
     fn hint(&self) -> Option<String> {
         match self {
-            StatusError::NotReady { status, .. } if status == "stale" || status == "failed" => Some(
+            StatusError::NotReady { status: Status::Stale | Status::Failed, .. } => Some(
                 "Start a rebuild with ep_rebuild(...) (or ep_retry_projection for a failed async projection).".into(),
             ),
             StatusError::NotReady { .. } => Some("Wait for the rebuild (ep_rebuild_wait) and query again.".into()),
@@ -71,12 +71,13 @@ pub fn require_ready(name: Option<&str>) -> Result<bool, StatusError> {
     let name = required_text(name, "projection")?;
     let p = registry::by_name(name).ok_or_else(|| StatusError::Registry(RegistryError::Unknown(name.into())))?;
     let ready = match p.mode {
-        ProjectionMode::Inline => p.status == "active",
-        ProjectionMode::Async => p.status == "active",
+        ProjectionMode::Inline | ProjectionMode::Async => p.status == Status::Active,
     };
     if !ready {
         let progress = crate::pg::catalog::read(|| {
-            Spi::connect(|_| spi::exec(&PROGRESS, &[p.id.into_datum()], Snap::Latest, 0).get::<String>(0, 1))
+            Spi::connect(|client| {
+                spi::exec(client, &PROGRESS, &[p.id.into_datum()], Snap::Latest, 0).get::<String>(0, 1)
+            })
         });
         return Err(StatusError::NotReady { projection: p.name, status: p.status, progress });
     }
@@ -90,5 +91,5 @@ pub fn require_ready(name: Option<&str>) -> Result<bool, StatusError> {
 pub fn is_ready(name: Option<&str>) -> Result<bool, StatusError> {
     let name = required_text(name, "projection")?;
     let p = registry::by_name(name).ok_or_else(|| StatusError::Registry(RegistryError::Unknown(name.into())))?;
-    Ok(p.status == "active")
+    Ok(p.status == Status::Active)
 }

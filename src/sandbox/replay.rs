@@ -113,11 +113,11 @@ fn apply(
     budget: Option<std::time::Duration>,
 ) -> Applied {
     let bound = scan_bound(after, up_to, limit);
-    Spi::connect(|_| {
+    Spi::connect(|client| {
         let types = filter.types.and_then(|t| t.clone().into_datum());
         let skip = filter.skip.filter(|s| !s.is_empty()).and_then(|s| s.clone().into_datum());
         let rows = crate::pg::catalog::read(|| {
-            spi::exec(&RANGE, &[spi::int8(after), spi::int8(bound), types, spi::int8(limit), skip], snap, 0)
+            spi::exec(client, &RANGE, &[spi::int8(after), spi::int8(bound), types, spi::int8(limit), skip], snap, 0)
         });
         let n = rows.len();
         if n == 0 {

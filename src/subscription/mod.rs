@@ -92,8 +92,8 @@ fn rows(stmt: &Stmt, args: &[Option<pg_sys::Datum>]) -> Vec<pg_sys::Datum> {
     // SAFETY: a plain read of the current memory context (the set-returning function's).
     let cxt = unsafe { pg_sys::CurrentMemoryContext };
     catalog::read(|| {
-        Spi::connect(|_| {
-            let r = spi::exec(stmt, args, Snap::Latest, 0);
+        Spi::connect(|client| {
+            let r = spi::exec(client, stmt, args, Snap::Latest, 0);
             (0..r.len()).filter_map(|i| r.datum_in(i, 1, cxt)).collect()
         })
     })
@@ -111,7 +111,7 @@ pub fn read_all(after: Option<i64>, max_count: Option<i32>) -> Result<Vec<pg_sys
     let limit = check_count(max_count)?;
     let cat = catalog::require();
     check_log_access(&cat)?;
-    let hw = highwater::compute();
+    let hw = highwater::compute_for_reader();
     if hw <= after {
         return Ok(Vec::new());
     }
@@ -125,7 +125,7 @@ pub fn high_water() -> i64 {
     if let Err(e) = check_log_access(&cat) {
         crate::pg::error::raise(&e);
     }
-    highwater::compute()
+    highwater::compute_for_reader()
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -146,8 +146,8 @@ static BY_NAME: Stmt = Stmt {
 
 fn by_name(name: &str) -> Option<Subscription> {
     catalog::read(|| {
-        Spi::connect(|_| {
-            let r = spi::exec(&BY_NAME, &[spi::text(name)], Snap::Latest, 0);
+        Spi::connect(|client| {
+            let r = spi::exec(client, &BY_NAME, &[spi::text(name)], Snap::Latest, 0);
             (!r.is_empty()).then(|| Subscription {
                 name: r.get(0, 1).unwrap_or_default(),
                 event_types: r.get(0, 2),
@@ -222,8 +222,9 @@ pub fn subscribe(
     check_log_access(&cat)?;
     let owner = catalog::current_user(); // the caller, not the extension owner `privileged` runs as
     let created = catalog::privileged(&cat, || {
-        Spi::connect(|_| {
+        Spi::connect(|client| {
             let r = spi::exec(
+                client,
                 &SUBSCRIBE,
                 &[spi::text(name), types.into_datum(), members.into_datum(), owner.into_datum()],
                 Snap::Fresh,
@@ -245,7 +246,11 @@ static UNSUBSCRIBE: Stmt = Stmt { sql: "DELETE FROM ep.subscriptions WHERE name 
 pub fn unsubscribe(name: Option<&str>) -> Result<(), SubscriptionError> {
     let cat = catalog::require();
     let s = owned(&cat, name)?;
-    catalog::privileged(&cat, || Spi::connect(|_| spi::exec(&UNSUBSCRIBE, &[spi::text(&s.name)], Snap::Fresh, 0)));
+    catalog::privileged(&cat, || {
+        Spi::connect(|client| {
+            spi::exec(client, &UNSUBSCRIBE, &[spi::text(&s.name)], Snap::Fresh, 0);
+        })
+    });
     inflight::bump_epoch_at_commit();
     Ok(())
 }
@@ -280,17 +285,18 @@ pub fn set_members(name: Option<&str>, members: Option<i32>) -> Result<(), Subsc
     let members = check_members(members)?;
     // The row lock of the subscription orders this against polls and acks of its members.
     catalog::privileged(&cat, || {
-        Spi::connect(|_| {
+        Spi::connect(|client| {
             spi::exec(
+                client,
                 &Stmt { sql: "SELECT 1 FROM ep.subscriptions WHERE name = $1 FOR UPDATE", types: &[pg_sys::TEXTOID] },
                 &[spi::text(&s.name)],
                 Snap::Fresh,
                 0,
             );
             let args = [spi::text(&s.name), members.into_datum()];
-            let low: i64 = spi::exec(&RESIZE[0], &args, Snap::Fresh, 0).get(0, 1).unwrap_or(0);
-            spi::exec(&RESIZE[1], &args, Snap::Fresh, 0);
-            spi::exec(&RESIZE[2], &[args[0], args[1], spi::int8(low)], Snap::Fresh, 0);
+            let low: i64 = spi::exec(client, &RESIZE[0], &args, Snap::Fresh, 0).get(0, 1).unwrap_or(0);
+            spi::exec(client, &RESIZE[1], &args, Snap::Fresh, 0);
+            spi::exec(client, &RESIZE[2], &[args[0], args[1], spi::int8(low)], Snap::Fresh, 0);
         })
     });
     inflight::bump_epoch_at_commit();
@@ -327,7 +333,9 @@ fn member_position(s: &Subscription, member: i32) -> Result<i64, SubscriptionErr
         return Err(SubscriptionError::NoMember { subscription: s.name.clone(), member, last: s.members - 1 });
     }
     let position: Option<i64> = catalog::read(|| {
-        Spi::connect(|_| spi::exec(&MEMBER, &[spi::text(&s.name), member.into_datum()], Snap::Fresh, 0).get(0, 1))
+        Spi::connect(|client| {
+            spi::exec(client, &MEMBER, &[spi::text(&s.name), member.into_datum()], Snap::Fresh, 0).get(0, 1)
+        })
     });
     // Gone between the two reads: unsubscribed or resized concurrently.
     position.ok_or_else(|| SubscriptionError::Unknown(s.name.clone()))
@@ -358,12 +366,13 @@ pub fn poll(
         // Registered as waiting before looking: a commit after the look sets the latch, and the
         // sleep below returns at once (the latch protocol).
         crate::pg::backend::reset_latch();
-        let hw = highwater::compute();
+        let hw = highwater::compute_for_reader();
         let (events, last) = if hw > after {
             let types = s.event_types.clone().and_then(|t| t.into_datum());
             catalog::read(|| {
-                Spi::connect(|_| {
+                Spi::connect(|client| {
                     let r = spi::exec(
+                        client,
                         &SHARE,
                         &[
                             spi::int8(after),
@@ -392,8 +401,9 @@ pub fn poll(
             // moves the position itself (there is nothing to process below the mark).
             let through = if full { last } else { hw.max(after) };
             catalog::privileged(&cat, || {
-                Spi::connect(|_| {
+                Spi::connect(|client| {
                     spi::exec(
+                        client,
                         &DELIVERED,
                         &[
                             spi::text(&s.name),
@@ -404,7 +414,7 @@ pub fn poll(
                         ],
                         Snap::Fresh,
                         0,
-                    )
+                    );
                 })
             });
             return Ok(events);
@@ -437,16 +447,18 @@ pub fn ack(name: Option<&str>, member: Option<i32>, position: Option<i64>) -> Re
     let position = required(position, "global_position")?;
     member_position(&s, member)?;
     let delivered: i64 = catalog::read(|| {
-        Spi::connect(|_| {
-            spi::exec(&DELIVERED_OF, &[spi::text(&s.name), member.into_datum()], Snap::Fresh, 0).get(0, 1).unwrap_or(0)
+        Spi::connect(|client| {
+            spi::exec(client, &DELIVERED_OF, &[spi::text(&s.name), member.into_datum()], Snap::Fresh, 0)
+                .get(0, 1)
+                .unwrap_or(0)
         })
     });
     if position > delivered {
         return Err(SubscriptionError::BeyondDelivered { subscription: s.name, member, position, delivered });
     }
     catalog::privileged(&cat, || {
-        Spi::connect(|_| {
-            spi::exec(&ACK, &[spi::text(&s.name), member.into_datum(), spi::int8(position)], Snap::Fresh, 0)
+        Spi::connect(|client| {
+            spi::exec(client, &ACK, &[spi::text(&s.name), member.into_datum(), spi::int8(position)], Snap::Fresh, 0);
         })
     });
     Ok(())
@@ -467,8 +479,8 @@ static CHANNELS: Stmt =
 
 /// The subscriptions' channels, read with a snapshot taken now (kept by the registry view).
 pub fn channels() -> Vec<Channel> {
-    Spi::connect(|_| {
-        let r = spi::exec(&CHANNELS, &[], Snap::Latest, 0);
+    Spi::connect(|client| {
+        let r = spi::exec(client, &CHANNELS, &[], Snap::Latest, 0);
         (0..r.len()).map(|i| Channel { channel: r.get(i, 1).unwrap_or_default(), event_types: r.get(i, 2) }).collect()
     })
 }

@@ -36,8 +36,8 @@ static STATE: Stmt = Stmt {
 
 fn state(id: i32) -> State {
     crate::pg::catalog::read(|| {
-        Spi::connect(|_| {
-            let r = spi::exec(&STATE, &[id.into_datum()], Snap::Fresh, 0);
+        Spi::connect(|client| {
+            let r = spi::exec(client, &STATE, &[id.into_datum()], Snap::Fresh, 0);
             State {
                 attempts: r.get(0, 1).unwrap_or(0),
                 failing_position: r.get(0, 2),
@@ -82,9 +82,15 @@ fn deliver(cat: &Catalog, p: &Projection, h: &Handler, st: &State) -> Option<Pro
     let a = replay::apply_step(h, filter, cat.events_type, p.position, up_to, limit);
     let position = a.through;
     let advanced = catalog::privileged(cat, || {
-        Spi::connect(|_| {
-            !spi::exec(&ADVANCE, &[p.id.into_datum(), spi::int8(position), spi::int8(p.position)], Snap::Fresh, 0)
-                .is_empty()
+        Spi::connect(|client| {
+            !spi::exec(
+                client,
+                &ADVANCE,
+                &[p.id.into_datum(), spi::int8(position), spi::int8(p.position)],
+                Snap::Fresh,
+                0,
+            )
+            .is_empty()
         })
     });
     if !advanced {
@@ -98,7 +104,7 @@ pub fn step(cat: &Catalog, p: &Projection) -> Option<Progress> {
     if let Some(r) = rebuild::open(p.id) {
         return Some(rebuild_step(cat, p, &r));
     }
-    if p.status == "failed" {
+    if p.status == registry::Status::Failed {
         return None;
     }
     let st = state(p.id);
@@ -137,8 +143,9 @@ static PROGRESS: Stmt = Stmt {
 /// Advances a rebuild's checkpoint from `from`, or raises when another process did meanwhile.
 fn advance_rebuild(cat: &Catalog, p: &Projection, r: &Rebuild, to: i64, events: i64) {
     let moved = catalog::privileged(cat, || {
-        Spi::connect(|_| {
+        Spi::connect(|client| {
             !spi::exec(
+                client,
                 &PROGRESS,
                 &[r.id.into_datum(), spi::int8(to), spi::int8(events), spi::int8(r.checkpoint)],
                 Snap::Fresh,
@@ -165,10 +172,10 @@ static SWITCH: Stmt = Stmt {
 /// Rebuilds of an async projection need no lock: only the owning process writes its model.
 fn rebuild_step(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
     if r.cancel_requested {
-        return rebuild::finish_unsuccessfully(cat, p, r, "cancelled", None);
+        return rebuild::finish_unsuccessfully(cat, p, r, rebuild::RebuildStatus::Cancelled, None);
     }
-    match (r.strategy, r.phase.as_str()) {
-        (Strategy::InPlace, "queued") => {
+    match (r.strategy, r.phase) {
+        (Strategy::InPlace, rebuild::Phase::Queued) => {
             rebuild::truncate_model(p);
             exec(cat, &ASYNC_RESET, &[p.id.into_datum()]);
             rebuild::mark_started(cat, r, None);
@@ -190,7 +197,7 @@ fn rebuild_step(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
             advance_rebuild(cat, p, r, now, applied);
             progress.unwrap_or(Progress::Busy)
         }
-        (Strategy::BlueGreen, "queued") => {
+        (Strategy::BlueGreen, rebuild::Phase::Queued) => {
             rebuild::create_build_copy(cat, p, r);
             Progress::Busy
         }
@@ -236,7 +243,11 @@ fn rebuild_step(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
 }
 
 fn exec(cat: &Catalog, stmt: &Stmt, args: &[Option<pg_sys::Datum>]) {
-    catalog::privileged(cat, || Spi::connect(|_| spi::exec(stmt, args, Snap::Fresh, 0)));
+    catalog::privileged(cat, || {
+        Spi::connect(|client| {
+            spi::exec(client, stmt, args, Snap::Fresh, 0);
+        })
+    });
 }
 
 static COUNT: Stmt = Stmt {
@@ -247,8 +258,9 @@ static COUNT: Stmt = Stmt {
 
 fn replay_count(p: &Projection, from: i64, to: i64) -> i64 {
     crate::pg::catalog::read(|| {
-        Spi::connect(|_| {
+        Spi::connect(|client| {
             spi::exec(
+                client,
                 &COUNT,
                 &[spi::int8(from), spi::int8(to), p.event_types.clone().and_then(|t| t.into_datum())],
                 Snap::Fresh,
@@ -394,7 +406,7 @@ pub fn wait_for(
         let p = registry::by_name(name).ok_or_else(|| RegistryError::Unknown(name.into()))?;
         let reached = match p.mode {
             ProjectionMode::Inline => p.is_active(),
-            ProjectionMode::Async => p.position >= position && p.status != "rebuilding",
+            ProjectionMode::Async => p.position >= position && p.status != registry::Status::Rebuilding,
         };
         if reached {
             return Ok(true);

@@ -349,7 +349,7 @@ fn record_failure(id: i32, message: &str, position: i64, stop: bool) {
         Some(r) => {
             let attempts = rebuild::record_failure(&cat, &r, message);
             if stop || attempts >= settings::max_attempts() as i64 {
-                let _ = rebuild::finish_unsuccessfully(&cat, &p, &r, "failed", Some(message));
+                let _ = rebuild::finish_unsuccessfully(&cat, &p, &r, rebuild::RebuildStatus::Failed, Some(message));
             }
         }
         None => delivery::record_failure(&cat, &p, message, position, stop),
