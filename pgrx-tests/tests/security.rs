@@ -177,8 +177,11 @@ fn what_a_projection_uses_cannot_be_dropped_from_under_it() {
     register_as(&mut a, "dep", "dep_rm.count_event(ep.events)", "inline", "dep_rm").unwrap();
     // The owner role owns the function and the schema: DROP ROLE refuses (PostgreSQL's own
     // dependency), and DROP OWNED, which would drop them, meets the guard.
-    let err =
-        expect_sqlstate(admin.batch_execute("DROP ROLE sec_dep_alice"), &SqlState::DEPENDENT_OBJECTS_STILL_EXIST, "DROP ROLE");
+    let err = expect_sqlstate(
+        admin.batch_execute("DROP ROLE sec_dep_alice"),
+        &SqlState::DEPENDENT_OBJECTS_STILL_EXIST,
+        "DROP ROLE",
+    );
     assert!(err.message().contains("sec_dep_alice"), "{}", err.message());
     for sql in
         ["DROP FUNCTION dep_rm.count_event(ep.events)", "DROP SCHEMA dep_rm CASCADE", "DROP OWNED BY sec_dep_alice"]
