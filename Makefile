@@ -28,6 +28,11 @@ test: setup
 lint: setup
 	@bash scripts/lint.sh
 
+# Randomized histories for as long as asked (EP_SOAK_SECONDS, default 600), with the memory of the
+# workers and backends, which must stay flat (scripts/soak.sh).
+soak: install
+	@bash scripts/soak.sh
+
 unit-test: setup
 	mkdir -p $(dir $(PGDATA_TEST)) && chown postgres:postgres $(dir $(PGDATA_TEST))
 	cargo pgrx test pg15 --runas postgres --pgdata $(PGDATA_TEST)

@@ -63,6 +63,8 @@ CREATE SEQUENCE ep.rebuild_id_seq AS bigint;
 
 CREATE TABLE ep.rebuilds (
     id               bigint      NOT NULL PRIMARY KEY DEFAULT pg_catalog.nextval('ep.rebuild_id_seq'),
+    -- Unregistering a projection deletes its rebuilds, also one queued concurrently (ep_rebuild
+    -- locks the projection's row; registry::unregister deletes the rebuilds after the row).
     projection_id    integer     NOT NULL,
     projection       text        NOT NULL,
     strategy         text        NOT NULL CHECK (strategy IN ('in_place', 'blue_green')),

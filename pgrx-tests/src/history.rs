@@ -1,34 +1,41 @@
 //! Randomized histories (issue 11): several sessions run seeded random sequences of what a user can
 //! do, and each history is checked at its end against a replay of the committed log.
 //!
-//! What a history does. N (3 or 4) sessions of the served database, driven by ONE thread, round
-//! robin in a seeded random order: single and batch appends with random expected versions (to old,
-//! new and existing streams, some carrying a poison mark), registrations and unregistrations
-//! (inline and async, per-event and batch handlers, all or a subset of the event types, some of
-//! them picky: they raise on a poisoned event), rebuilds of both strategies (blue-green ones
-//! sometimes switching the handler), cancels, waits, skips and retries of failing async
-//! projections, cures of poisoned events, reads of the models through `ep_require_ready`, and
-//! transactions at READ COMMITTED, REPEATABLE READ and SERIALIZABLE that are held open across the
-//! other sessions' operations, committed, rolled back, with savepoints released or rolled back to.
-//! Between the sessions' operations: pauses (the worker runs meanwhile), SIGKILL of a worker, an
-//! immediate shutdown and restart, and "races": two sessions' statements run at once on two
-//! threads (the only place where 40P01 can arise, and where two writers really contend).
+//! What a history does. N (3 or 4) sessions of the served database, driven by ONE thread in a
+//! seeded random order: single and batch appends with random expected versions (to existing and new
+//! streams, some events carrying a poison mark), registrations and unregistrations (inline and
+//! async, per-event and batch handlers, all or a subset of the event types, some of them picky:
+//! they raise on a poisoned event; the model sometimes created beforehand, the schema sometimes
+//! dropped with the unregistration), rebuilds of both strategies (blue-green ones sometimes
+//! switching the handler), cancels, `ep_rebuild_wait` and `CALL ep_rebuild_await`, skips and
+//! retries of failing async projections, cures of poisoned events, reads of the models through
+//! `ep_require_ready` and of streams through `ep_read_stream`, and transactions at READ COMMITTED,
+//! REPEATABLE READ and SERIALIZABLE that are held open across the other sessions' operations,
+//! committed, rolled back, with savepoints released or rolled back to, failed transactions rolled
+//! back (or COMMITted, which rolls them back). Between the sessions' operations: pauses (the worker
+//! runs meanwhile), SIGKILL of a worker, an immediate shutdown and restart (the sessions reconnect;
+//! their transactions are gone), and races: two sessions' statements run at once on two threads
+//! (the only place where 40P01 can arise, and where two writers really contend).
 //!
 //! A single driver thread cannot wait for a lock that a transaction it would commit later holds,
 //! so every session runs with `statement_timeout` (1 s), `lock_timeout` (250 ms) and
 //! `deadlock_timeout` (50 ms): a statement that would wait for another session's open transaction
 //! fails (57014, 55P03), which the tester records as that transaction's failure. The generator
-//! knows which locks each open transaction holds and, most of the time (85 %), picks an operation
-//! that does not wait for them; the other 15 % are deliberate conflicts.
+//! knows which locks each open transaction holds and, most of the time (90 %), picks an operation
+//! that does not wait for them; the other 10 % are deliberate conflicts.
 //!
 //! What the tester knows. It keeps a ledger of what has committed: every event it appended (each
 //! carries `{"o": operation, "k": index}` in its data), each stream's version, the registry, the
 //! rebuilds queued, the order of the commits. Single-threaded, it knows exactly what each
 //! session's view of the registry is and what a stream's version is, so it checks on the spot that
-//! an expected version is accepted exactly when it is right, that a poisoned event reaches the log
-//! only past a picky inline projection that was not active (invariant 3), and, on every read, that
-//! an inline model that `ep_require_ready` lets through equals the log of that statement's snapshot
-//! (an async one: exactly what its checkpoint covers, but for recorded skips).
+//! an expected version is accepted exactly when it is right (and the error names the actual one),
+//! that a poisoned event reaches the log only past a picky inline projection that was not active
+//! (invariant 3), that a stream reads back contiguous and as long as it is, and, on every read that
+//! `ep_require_ready` lets through, that an inline model equals the log of that statement's snapshot
+//! (an async one: exactly what its checkpoint covers, but for recorded skips). Every failure must be
+//! one the operation may meet (a lock or statement timeout, a deadlock, a serialization failure, a
+//! wrong expected version, a poisoned event, an unknown name when it is one, ...); anything else
+//! fails the history.
 //!
 //! At the end of a history every open transaction ends, every rebuild is waited for, poison is
 //! cured and failed projections retried, stale ones rebuilt, async ones waited for up to the head,
@@ -37,16 +44,23 @@
 //! registry is the ledger's; every projection's model (`applied`: one row per event it received)
 //! equals the log's events of its types, except, for async ones, events recorded in
 //! `ep.skipped_events`; an unregistered projection received nothing that committed after its
-//! unregistration; a never-committed registration received nothing; no worker logged a failure
-//! other than a poisoned event, no process died of anything but our SIGKILLs. The handlers raise
-//! when a stream's events arrive out of order or twice (invariant 2; a doubled event also hits
-//! the primary key), which shows as a failed append, a logged worker failure or a stuck projection.
+//! unregistration; a never-committed registration received nothing; a blue-green rebuild that did
+//! not switch left no copy; no worker logged a failure other than a poisoned event, no process died
+//! of anything but our SIGKILLs. The handlers raise when a stream's events arrive out of order or
+//! twice (invariant 2; a doubled event also hits the primary key), which shows as a failed append,
+//! a logged worker failure or a stuck projection.
 //!
 //! A failure prints the seed, the configuration, the findings, the whole history and the
 //! extension's state, and the command that replays it. The interleaving is the generator's (one
 //! thread), so a replay runs the same operations as long as the worker's timing gives the same
 //! outcomes; every step draws the same amount of randomness whatever the outcomes, so a replay that
 //! diverges somewhere goes on much like the original.
+//!
+//! Each history of a test runs in a freshly created extension (`Served::fresh`). The soak
+//! (`Plan::carry_over`) instead carries the extension, its log and the handlers over from one
+//! history to the next: PostgreSQL keeps every dropped PL/pgSQL function compiled in each process
+//! that ran it, so re-creating the handlers for every history grows every process by some 200 kB
+//! a history, and the memory of long-lived processes would say nothing about the extension.
 
 use crate::served::{self, Served};
 use crate::*;
@@ -145,6 +159,12 @@ pub struct Plan {
     pub races: bool,
     /// Print a progress line this often.
     pub report_every: Option<Duration>,
+    /// Keep the extension, its log and the handlers from one history to the next (the soak: the
+    /// memory of long-lived processes says nothing while every history re-creates the functions
+    /// they run, since PostgreSQL keeps dropped PL/pgSQL functions compiled in each process); the
+    /// extension is created afresh once the log holds more than `log_limit` events.
+    pub carry_over: bool,
+    pub log_limit: i64,
 }
 
 impl Plan {
@@ -159,6 +179,8 @@ impl Plan {
             crashes: env_num("EP_HISTORY_CRASHES", 1) as usize,
             races: env_num("EP_HISTORY_RACES", 1) != 0,
             report_every: None,
+            carry_over: false,
+            log_limit: 0,
         }
     }
 }
@@ -183,13 +205,13 @@ impl Config {
     fn for_seed(seed: u64, plan: &Plan) -> Config {
         let mut r = Rng(seed ^ 0x5eed_c0de);
         Config {
-            sessions: 3 + (r.next() % 2) as usize,
+            sessions: 3 + (r.next_u64() % 2) as usize,
             steps: plan.steps,
             crashes: plan.crashes,
             races: plan.races,
-            batch_size: [1, 3, 10, 1000][(r.next() % 4) as usize],
-            fill: (r.next() % 120) as usize,
-            initial_projections: 2 + (r.next() % 2) as usize,
+            batch_size: [1, 3, 10, 1000][(r.next_u64() % 4) as usize],
+            fill: (r.next_u64() % 120) as usize,
+            initial_projections: 2 + (r.next_u64() % 2) as usize,
         }
     }
 }
@@ -200,7 +222,7 @@ impl Config {
 /// splitmix64: small, fast, the same everywhere.
 pub struct Rng(pub u64);
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -210,7 +232,7 @@ impl Rng {
 }
 
 fn splitmix(x: u64) -> u64 {
-    Rng(x).next()
+    Rng(x).next_u64()
 }
 
 /// The seed of history `i` of a run with seed `master`: history 0 uses the master seed itself, so
@@ -228,7 +250,7 @@ pub fn history_seed(master: u64, i: usize) -> u64 {
 struct Draw([u64; 8]);
 impl Draw {
     fn take(r: &mut Rng) -> Draw {
-        Draw(std::array::from_fn(|_| r.next()))
+        Draw(std::array::from_fn(|_| r.next_u64()))
     }
     fn pct(&self, i: usize) -> u64 {
         self.0[i] % 100
@@ -313,7 +335,14 @@ impl Spec {
         }
     }
     fn describe(&self) -> String {
-        format!("{} {} {} types={} schema={}", self.name, self.mode(), HANDLERS[self.handler].function, self.types_text(), self.schema)
+        format!(
+            "{} {} {} types={} schema={}",
+            self.name,
+            self.mode(),
+            HANDLERS[self.handler].function,
+            self.types_text(),
+            self.schema
+        )
     }
 }
 
@@ -326,21 +355,54 @@ struct NewEv {
 #[derive(Clone, Debug)]
 enum Op {
     Begin(Level),
-    Append { stream: String, events: Vec<NewEv>, batch: bool, expected: Option<i64> },
+    Append {
+        stream: String,
+        events: Vec<NewEv>,
+        batch: bool,
+        expected: Option<i64>,
+    },
     Savepoint,
     Release,
     RollbackTo(usize),
     Commit,
     Rollback,
-    Register { spec: Spec, precreate: bool },
-    Unregister { name: String, drop_schema: Option<String> },
-    Rebuild { name: String, strategy: &'static str, new_handler: Option<usize> },
-    Cancel { name: String },
-    Wait { id: i64 },
-    Skip { name: String, bogus: bool },
-    Retry { name: String, cure: bool },
+    Register {
+        spec: Spec,
+        precreate: bool,
+    },
+    Unregister {
+        name: String,
+        drop_schema: Option<String>,
+    },
+    Rebuild {
+        name: String,
+        strategy: &'static str,
+        new_handler: Option<usize>,
+    },
+    Cancel {
+        name: String,
+    },
+    /// `ep_rebuild_wait`, or (outside a transaction) `CALL ep_rebuild_await`.
+    Wait {
+        id: i64,
+        call: bool,
+    },
+    /// `ep_read_stream`.
+    ReadStream {
+        stream: String,
+    },
+    Skip {
+        name: String,
+        bogus: bool,
+    },
+    Retry {
+        name: String,
+        cure: bool,
+    },
     Cure,
-    Read { spec: Spec },
+    Read {
+        spec: Spec,
+    },
 }
 
 impl Op {
@@ -358,7 +420,9 @@ impl Op {
             Op::Unregister { .. } => "unregister",
             Op::Rebuild { .. } => "rebuild",
             Op::Cancel { .. } => "cancel_rebuild",
-            Op::Wait { .. } => "rebuild_wait",
+            Op::Wait { call: false, .. } => "rebuild_wait",
+            Op::Wait { call: true, .. } => "rebuild_await",
+            Op::ReadStream { .. } => "read_stream",
             Op::Skip { .. } => "skip_event",
             Op::Retry { .. } => "retry_projection",
             Op::Cure => "cure",
@@ -370,10 +434,16 @@ impl Op {
         match self {
             Op::Begin(l) => format!("BEGIN {}", l.short()),
             Op::Append { stream, events, batch, expected } => {
-                let evs: Vec<String> =
-                    events.iter().map(|e| if e.poison { format!("{}!poison", e.etype) } else { e.etype.clone() }).collect();
+                let evs: Vec<String> = events
+                    .iter()
+                    .map(|e| if e.poison { format!("{}!poison", e.etype) } else { e.etype.clone() })
+                    .collect();
                 let exp = expected.map(|v| v.to_string()).unwrap_or_else(|| "any".into());
-                format!("{} {stream} [{}] expected={exp}", if *batch { "append_events" } else { "append" }, evs.join(" "))
+                format!(
+                    "{} {stream} [{}] expected={exp}",
+                    if *batch { "append_events" } else { "append" },
+                    evs.join(" ")
+                )
             }
             Op::Savepoint => "SAVEPOINT".into(),
             Op::Release => "RELEASE SAVEPOINT".into(),
@@ -384,16 +454,25 @@ impl Op {
                 format!("register {}{}", spec.describe(), if *precreate { " (model created beforehand)" } else { "" })
             }
             Op::Unregister { name, drop_schema } => {
-                format!("unregister {name}{}", drop_schema.as_ref().map(|s| format!(" + DROP SCHEMA {s}")).unwrap_or_default())
+                format!(
+                    "unregister {name}{}",
+                    drop_schema.as_ref().map(|s| format!(" + DROP SCHEMA {s}")).unwrap_or_default()
+                )
             }
             Op::Rebuild { name, strategy, new_handler } => format!(
                 "rebuild {name} {strategy}{}",
                 new_handler.map(|h| format!(" new_handler={}", HANDLERS[h].function)).unwrap_or_default()
             ),
             Op::Cancel { name } => format!("cancel_rebuild {name}"),
-            Op::Wait { id } => format!("rebuild_wait {id} 100ms"),
-            Op::Skip { name, bogus } => format!("skip_event {name}{}", if *bogus { " (a position it is not failing on)" } else { "" }),
-            Op::Retry { name, cure } => format!("retry_projection {name}{}", if *cure { " (after curing its failing event)" } else { "" }),
+            Op::Wait { id, call: false } => format!("rebuild_wait {id} 100ms"),
+            Op::Wait { id, call: true } => format!("CALL rebuild_await {id} 100ms"),
+            Op::ReadStream { stream } => format!("read_stream {stream}"),
+            Op::Skip { name, bogus } => {
+                format!("skip_event {name}{}", if *bogus { " (a position it is not failing on)" } else { "" })
+            }
+            Op::Retry { name, cure } => {
+                format!("retry_projection {name}{}", if *cure { " (after curing its failing event)" } else { "" })
+            }
             Op::Cure => "cure every poisoned event".into(),
             Op::Read { spec } => format!("read {} with ep_require_ready", spec.name),
         }
@@ -417,15 +496,6 @@ enum Step {
 enum Fail {
     Db { code: String, message: String },
     Lost(String),
-}
-
-impl Fail {
-    fn text(&self) -> String {
-        match self {
-            Fail::Db { code, message } => format!("{code} {message}"),
-            Fail::Lost(m) => format!("connection lost: {m}"),
-        }
-    }
 }
 
 fn fail(e: postgres::Error) -> Fail {
@@ -452,8 +522,13 @@ enum Got {
     Id(i64),
     MaybeId(Option<i64>),
     Status(String),
-    Skipped { failing: Option<i64>, skipped: i64 },
+    Skipped {
+        failing: Option<i64>,
+        skipped: i64,
+    },
     Read(ReadResult),
+    /// (stream position, global position) of each event of a stream.
+    Stream(Vec<(i64, i64)>),
 }
 
 impl Got {
@@ -466,6 +541,7 @@ impl Got {
             Got::MaybeId(id) => format!("ok: {id:?}"),
             Got::Status(s) => format!("ok: {s}"),
             Got::Skipped { failing, skipped } => format!("ok: failing_position {failing:?}, skipped {skipped}"),
+            Got::Stream(evs) => format!("ok: {} events", evs.len()),
             Got::Read(r) => format!(
                 "ok: model {} events, log {} of its types, position {:?}, {} skipped",
                 r.applied.len(),
@@ -524,7 +600,9 @@ fn statement(c: &mut Client, op: &Op, tag: usize, prep: &Prep) -> std::result::R
                 }
                 Got::Appended(pos, ready)
             }
-            Op::Savepoint | Op::Release | Op::RollbackTo(_) => unreachable!("savepoint statements are built by the caller"),
+            Op::Savepoint | Op::Release | Op::RollbackTo(_) => {
+                unreachable!("savepoint statements are built by the caller")
+            }
             Op::Commit => {
                 c.batch_execute("COMMIT")?;
                 Got::Nothing
@@ -564,7 +642,22 @@ fn statement(c: &mut Client, op: &Op, tag: usize, prep: &Prep) -> std::result::R
                 Got::Id(c.query_one("SELECT ep_rebuild($1, $2, $3::text::regprocedure)", &[name, strategy, &h])?.get(0))
             }
             Op::Cancel { name } => Got::MaybeId(c.query_one("SELECT ep_cancel_rebuild($1)", &[name])?.get(0)),
-            Op::Wait { id } => Got::Status(c.query_one("SELECT ep_rebuild_wait($1, '100 ms')", &[id])?.get(0)),
+            Op::Wait { id, call: false } => {
+                Got::Status(c.query_one("SELECT ep_rebuild_wait($1, '100 ms')", &[id])?.get(0))
+            }
+            Op::Wait { id, call: true } => {
+                let rows = c.simple_query(&format!("CALL ep_rebuild_await({id}, '100 ms')"))?;
+                let status = rows.iter().find_map(|m| match m {
+                    postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                    _ => None,
+                });
+                Got::Status(status.unwrap_or_default())
+            }
+            Op::ReadStream { stream } => {
+                let rows =
+                    c.query("SELECT stream_position, global_position FROM ep_read_stream($1, 1, 100000)", &[stream])?;
+                Got::Stream(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            }
             Op::Skip { name, bogus } => {
                 let failing: Option<i64> = c
                     .query_opt("SELECT failing_position FROM ep.projections WHERE name = $1", &[name])?
@@ -606,7 +699,12 @@ fn statement(c: &mut Client, op: &Op, tag: usize, prep: &Prep) -> std::result::R
                     spec.schema
                 );
                 let row = c.query_one(&sql, &[&spec.name, &spec.types])?;
-                Got::Read(ReadResult { applied: row.get(1), log: row.get(2), position: row.get(3), skipped: row.get(4) })
+                Got::Read(ReadResult {
+                    applied: row.get(1),
+                    log: row.get(2),
+                    position: row.get(3),
+                    skipped: row.get(4),
+                })
             }
         })
     })();
@@ -647,7 +745,13 @@ struct Txn {
 struct Session {
     client: Client,
     txn: Option<Txn>,
+    /// The last statement that failed, for the diagnosis of a session left in a failed
+    /// transaction it did not begin.
+    last_failure: Option<String>,
 }
+
+/// A model's `applied` rows: global position -> (stream, stream position).
+type Applied = BTreeMap<i64, (String, i64)>;
 
 #[derive(Clone, Debug)]
 struct CommittedEvent {
@@ -840,7 +944,15 @@ impl Stats {
         let kinds: Vec<String> = self.by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let fails: Vec<String> = self.expected_failures.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         let rebuilds: Vec<String> = self.rebuilds.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        writeln!(s, "== {test}: {} histories, {} operations ({} steps) in {:.1} s", self.histories, self.operations, self.steps, wall.as_secs_f64()).unwrap();
+        writeln!(
+            s,
+            "== {test}: {} histories, {} operations ({} steps) in {:.1} s",
+            self.histories,
+            self.operations,
+            self.steps,
+            wall.as_secs_f64()
+        )
+        .unwrap();
         writeln!(s, "   operations by kind: {}", kinds.join(", ")).unwrap();
         writeln!(
             s,
@@ -855,7 +967,15 @@ impl Stats {
             self.autocommit_ok
         )
         .unwrap();
-        writeln!(s, "   crashes: {} ({} worker SIGKILL, {} immediate shutdowns); races (two statements at once): {}", self.kills + self.restarts, self.kills, self.restarts, self.races).unwrap();
+        writeln!(
+            s,
+            "   crashes: {} ({} worker SIGKILL, {} immediate shutdowns); races (two statements at once): {}",
+            self.kills + self.restarts,
+            self.kills,
+            self.restarts,
+            self.races
+        )
+        .unwrap();
         writeln!(s, "   expected failures: {}", fails.join(", ")).unwrap();
         writeln!(
             s,
@@ -898,6 +1018,15 @@ struct History {
     crashes: usize,
     findings: Vec<String>,
     log: Option<(std::path::PathBuf, u64)>,
+    /// Offset of this history's operation numbers (the `o` of its events): 0 unless histories
+    /// carry the log over, then 100000 * the history's index.
+    base: usize,
+    /// Whether the history starts from the log and extension the previous one left.
+    carried: bool,
+    /// Prefix of projection names (schemas are `w_h` + the rest).
+    prefix: String,
+    /// How to replay this history.
+    replay: String,
 }
 
 fn session_setup(c: &mut Client) {
@@ -928,18 +1057,43 @@ fn kill_a_worker(c: &mut Client, pick: usize) -> Option<i32> {
         .map(|r| r.get(0))
         .collect();
     let pid = *pids.get(pick % pids.len().max(1))?;
-    let ok = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().map(|s| s.success()).unwrap_or(false);
+    let ok = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     ok.then_some(pid)
 }
 
 impl History {
-    fn new(seed: u64, cfg: Config, chk: Client, clients: &mut Vec<Client>) -> History {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        seed: u64,
+        cfg: Config,
+        chk: Client,
+        clients: &mut Vec<Client>,
+        index: usize,
+        carry_over: bool,
+        carried: bool,
+        replay: String,
+    ) -> History {
         while clients.len() < cfg.sessions {
             let mut c = served::reconnect();
             session_setup(&mut c);
             clients.push(c);
         }
-        let sessions = clients.drain(..).map(|client| Session { client, txn: None }).collect();
+        let sessions = clients
+            .drain(..cfg.sessions)
+            .map(|mut client| {
+                // A session kept from an earlier history is idle outside any transaction, unless a
+                // crash in a history that did not use it closed it.
+                if client.is_closed() || client.batch_execute("SELECT 1").is_err() {
+                    client = served::reconnect();
+                    session_setup(&mut client);
+                }
+                Session { client, txn: None, last_failure: None }
+            })
+            .collect();
         History {
             seed,
             rng: Rng(seed),
@@ -957,13 +1111,16 @@ impl History {
                 let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
                 (p, len)
             }),
+            base: if carry_over { index * 100_000 } else { 0 },
+            carried,
+            prefix: if carry_over { format!("{index}_") } else { String::new() },
+            replay,
         }
     }
 
     fn give_back(&mut self, clients: &mut Vec<Client>) {
-        for s in self.sessions.drain(..) {
-            clients.push(s.client);
-        }
+        let mine: Vec<Client> = self.sessions.drain(..).map(|s| s.client).collect();
+        clients.splice(0..0, mine);
     }
 
     fn note(&mut self, s: String) {
@@ -1022,6 +1179,17 @@ impl History {
         h
     }
 
+    /// Whether projection `name` may have a picky handler now / surely has one (a blue-green
+    /// rebuild with a new handler switches it when it completes).
+    fn maybe_picky(&self, p: &Spec) -> bool {
+        HANDLERS[p.handler].picky
+            || self.ledger.handlers.get(&p.name).is_some_and(|hs| hs.iter().any(|h| HANDLERS[*h].picky))
+    }
+    fn surely_picky(&self, p: &Spec) -> bool {
+        HANDLERS[p.handler].picky
+            && self.ledger.handlers.get(&p.name).is_none_or(|hs| hs.iter().all(|h| HANDLERS[*h].picky))
+    }
+
     fn own_rebuild(&self, s: usize, id: i64) -> bool {
         let Some(t) = &self.sessions[s].txn else { return false };
         let name = self.ledger.rebuilds.get(&id);
@@ -1055,11 +1223,11 @@ impl History {
         let picky = d.sub(w, 2, 100) < 30;
         let t = d.sub(w, 3, 100);
         Spec {
-            name: format!("p{n}"),
-            schema: format!("w_h{n}"),
-            inline: d.sub(w, 4, 100) < 60,
+            name: format!("p{}{n}", self.prefix),
+            schema: format!("w_h{}{n}", self.prefix),
+            inline: d.sub(w, 4, 100) < 50,
             handler: batch as usize + 2 * picky as usize,
-            types: if t < 40 { None } else { Some(TYPE_SUBSETS[(t as usize) % 4].iter().map(|x| x.to_string()).collect()) },
+            types: if t < 40 { None } else { Some(TYPE_SUBSETS[t % 4].iter().map(|x| x.to_string()).collect()) },
         }
     }
 
@@ -1068,13 +1236,22 @@ impl History {
         (!v.is_empty()).then(|| v[d.below(w, v.len())].clone())
     }
 
+    /// An async projection for a skip or a retry: a picky one when there is one (only those fail).
+    fn pick_failing_candidate(&self, s: usize, d: &Draw) -> Option<Spec> {
+        let all: Vec<Spec> = self.view(s).into_values().filter(|p| !p.inline).collect();
+        let picky: Vec<Spec> = all.iter().filter(|p| self.maybe_picky(p)).cloned().collect();
+        let v = if picky.is_empty() || d.sub(4, 7, 100) < 20 { all } else { picky };
+        (!v.is_empty()).then(|| v[d.below(4, v.len())].clone())
+    }
+
     fn gen_append(&self, s: usize, d: &Draw, batch: bool, avoid: bool, step: usize) -> Option<Op> {
         let holds = self.others(s);
         let view = self.view(s);
         let n = if batch { 2 + d.sub(4, 9, 3) } else { 1 };
         let events: Vec<NewEv> = (0..n)
             .map(|k| NewEv {
-                etype: weighted(d.sub(4, k as u32, 100) as u64, &[("A", 40), ("B", 30), ("C", 20), ("D", 10)]).to_string(),
+                etype: weighted(d.sub(4, k as u32, 100) as u64, &[("A", 40), ("B", 30), ("C", 20), ("D", 10)])
+                    .to_string(),
                 poison: d.sub(5, k as u32, 100) < 4,
             })
             .collect();
@@ -1083,7 +1260,9 @@ impl History {
                 return None;
             }
             let blocked = view.values().any(|p| {
-                p.inline && holds.projection_exclusive.contains(&p.name) && events.iter().any(|e| p.subscribes(&e.etype))
+                p.inline
+                    && holds.projection_exclusive.contains(&p.name)
+                    && events.iter().any(|e| p.subscribes(&e.etype))
             });
             if blocked {
                 return None;
@@ -1101,11 +1280,11 @@ impl History {
         let e = d.pct(6);
         let expected = if e < 35 {
             None
-        } else if e < 80 {
+        } else if e < 93 {
             Some(believed)
-        } else if e < 88 {
+        } else if e < 96 {
             Some(believed + 1)
-        } else if e < 95 {
+        } else if e < 99 {
             Some((believed - 1).max(0))
         } else {
             Some(0)
@@ -1135,7 +1314,7 @@ impl History {
             Read,
         }
         use K::*;
-        let avoid = d.pct(7) < 85;
+        let avoid = d.pct(7) < 90;
         let (in_txn, aborted, depth) = match &self.sessions[s].txn {
             None => (false, false, 0),
             Some(t) => (true, t.aborted, t.depth),
@@ -1144,18 +1323,18 @@ impl History {
             weighted(
                 d.0[1],
                 &[
-                    (Begin, 26),
-                    (Append, 24),
+                    (Begin, 30),
+                    (Append, 25),
                     (Batch, 10),
-                    (Register, 6),
-                    (Unregister, 3),
+                    (Register, 7),
+                    (Unregister, 2),
                     (Rebuild, 7),
                     (Cancel, 2),
-                    (Wait, 3),
+                    (Wait, 2),
                     (Skip, 3),
                     (Retry, 3),
                     (Cure, 1),
-                    (Read, 12),
+                    (Read, 6),
                 ],
             )
         } else if aborted {
@@ -1164,27 +1343,34 @@ impl History {
             weighted(
                 d.0[1],
                 &[
-                    (Append, 28),
-                    (Batch, 10),
+                    (Append, 30),
+                    (Batch, 11),
                     (Savepoint, 6),
                     (Release, if depth > 0 { 3 } else { 0 }),
                     (RollbackTo, if depth > 0 { 4 } else { 0 }),
-                    (Commit, 13),
+                    (Commit, 12),
                     (Rollback, 5),
                     (Register, 3),
-                    (Unregister, 3),
+                    (Unregister, 2),
                     (Rebuild, 4),
                     (Cancel, 1),
                     (Wait, 2),
                     (Skip, 2),
                     (Retry, 2),
                     (Cure, 1),
-                    (Read, 13),
+                    (Read, 7),
                 ],
             )
         };
         let holds = self.others(s);
+        // When the operation drawn has no target or would wait for another session: an append,
+        // else a read.
         let read_instead = |h: &History| -> Option<Op> {
+            if !matches!(k, Append | Batch) {
+                if let Some(op) = h.gen_append(s, d, false, avoid, step) {
+                    return Some(op);
+                }
+            }
             let p = h.pick_projection(s, d, 5, false)?;
             (!holds.dropped.contains(&p.name)).then_some(Op::Read { spec: p })
         };
@@ -1229,12 +1415,17 @@ impl History {
             }
             Rebuild => match self.pick_projection(s, d, 4, false) {
                 Some(p) => {
-                    if avoid && (holds.rebuild_queued.contains(&p.name) || holds.projection_exclusive.contains(&p.name)) {
+                    if avoid && (holds.rebuild_queued.contains(&p.name) || holds.projection_exclusive.contains(&p.name))
+                    {
                         read_instead(self)
                     } else {
                         let blue = d.pct(6) < 50;
                         let new_handler = (blue && d.sub(6, 1, 100) < 25).then(|| d.sub(6, 2, 4));
-                        Some(Op::Rebuild { name: p.name, strategy: if blue { "blue_green" } else { "in_place" }, new_handler })
+                        Some(Op::Rebuild {
+                            name: p.name,
+                            strategy: if blue { "blue_green" } else { "in_place" },
+                            new_handler,
+                        })
                     }
                 }
                 None => None,
@@ -1254,14 +1445,16 @@ impl History {
                 if ids.is_empty() {
                     read_instead(self)
                 } else {
-                    Some(Op::Wait { id: ids[d.below(4, ids.len())] })
+                    Some(Op::Wait { id: ids[d.below(4, ids.len())], call: !in_txn && d.pct(6) < 40 })
                 }
             }
-            Skip | Retry => match self.pick_projection(s, d, 4, true) {
+            Skip | Retry => match self.pick_failing_candidate(s, d) {
                 Some(p) => {
                     let cure = k == Retry && d.pct(6) < 50;
                     if avoid
-                        && (holds.touched.contains(&p.name) || holds.projection_exclusive.contains(&p.name) || (cure && holds.cure))
+                        && (holds.touched.contains(&p.name)
+                            || holds.projection_exclusive.contains(&p.name)
+                            || (cure && holds.cure))
                     {
                         read_instead(self)
                     } else if k == Skip {
@@ -1279,7 +1472,11 @@ impl History {
                     Some(Op::Cure)
                 }
             }
-            Read => read_instead(self),
+            Read if d.pct(6) < 30 => Some(Op::ReadStream { stream: format!("s{}", d.below(3, STREAMS)) }),
+            Read => match self.pick_projection(s, d, 5, false) {
+                Some(p) if !holds.dropped.contains(&p.name) => Some(Op::Read { spec: p }),
+                _ => read_instead(self),
+            },
         };
         op
     }
@@ -1292,8 +1489,11 @@ impl History {
             return None;
         }
         let in_txn = t.is_some();
-        let table: &[(u8, u64)] =
-            if in_txn { &[(0, 40), (1, 15), (2, 15), (3, 10), (4, 20)] } else { &[(0, 60), (1, 20), (2, 0), (3, 0), (4, 20)] };
+        let table: &[(u8, u64)] = if in_txn {
+            &[(0, 40), (1, 15), (2, 15), (3, 10), (4, 20)]
+        } else {
+            &[(0, 60), (1, 20), (2, 0), (3, 0), (4, 20)]
+        };
         match weighted(d.0[1], table) {
             k @ (0 | 1) => {
                 let mut op = self.gen_append(s, d, k == 1, false, step)?;
@@ -1368,14 +1568,18 @@ impl History {
                     Ok(()) => {
                         self.ledger.precreated.insert(spec.schema.clone(), spec.clone());
                     }
-                    Err(e) => self.findings.push(format!("creating the model {} beforehand: {}", spec.schema, show(&e))),
+                    Err(e) => {
+                        self.findings.push(format!("creating the model {} beforehand: {}", spec.schema, show(&e)))
+                    }
                 }
             }
             Op::Append { events, .. } if !race && self.sessions[s].txn.is_some() => {
                 let view = self.view(s);
                 prep.picky = view
                     .values()
-                    .filter(|p| p.inline && HANDLERS[p.handler].picky && events.iter().any(|e| e.poison && p.subscribes(&e.etype)))
+                    .filter(|p| {
+                        p.inline && self.surely_picky(p) && events.iter().any(|e| e.poison && p.subscribes(&e.etype))
+                    })
                     .map(|p| p.name.clone())
                     .collect();
             }
@@ -1399,29 +1603,30 @@ impl History {
         let t0 = Instant::now();
         match step {
             Step::S(s, op) => {
-                let tag = self.recs.len() + 1;
+                let tag = self.base + self.recs.len() + 1;
                 let prep = self.prepare(s, &op, false);
                 let out = self.run_statement(s, &op, tag, &prep);
                 let ms = t0.elapsed().as_millis();
-                let text = self.settle(s, &op, tag, &prep, out, false);
+                let text = self.settle(s, &op, tag, out, false);
                 self.count(op.kind());
                 self.record(format!("s{s}"), op.describe(), text, ms);
             }
             Step::Race(a, oa, b, ob) => {
-                let (ta, tb) = (self.recs.len() + 1, self.recs.len() + 2);
+                let (ta, tb) = (self.base + self.recs.len() + 1, self.base + self.recs.len() + 2);
                 let (pa, pb) = (self.prepare(a, &oa, true), self.prepare(b, &ob, true));
                 let (lo, hi) = self.sessions.split_at_mut(a.max(b));
-                let (ca, cb) = if a < b { (&mut lo[a].client, &mut hi[0].client) } else { (&mut hi[0].client, &mut lo[b].client) };
+                let (ca, cb) =
+                    if a < b { (&mut lo[a].client, &mut hi[0].client) } else { (&mut hi[0].client, &mut lo[b].client) };
                 let (ra, rb) = std::thread::scope(|sc| {
                     let ha = sc.spawn(|| statement(ca, &oa, ta, &pa));
                     let hb = sc.spawn(|| statement(cb, &ob, tb, &pb));
                     (ha.join().expect("race thread"), hb.join().expect("race thread"))
                 });
                 let ms = t0.elapsed().as_millis();
-                let xa = self.settle(a, &oa, ta, &pa, ra, true);
+                let xa = self.settle(a, &oa, ta, ra, true);
                 self.count(oa.kind());
                 self.record(format!("s{a} race"), oa.describe(), xa, ms);
-                let xb = self.settle(b, &ob, tb, &pb, rb, true);
+                let xb = self.settle(b, &ob, tb, rb, true);
                 self.count(ob.kind());
                 self.record(format!("s{b} race"), ob.describe(), xb, ms);
                 self.count("race");
@@ -1434,25 +1639,36 @@ impl History {
             }
             Step::KillWorker => {
                 self.crashes += 1;
-                let pick = self.rng.next() as usize;
+                let pick = self.rng.next_u64() as usize;
                 match kill_a_worker(&mut self.chk, pick) {
                     Some(pid) => {
                         self.stats.kills += 1;
                         // The postmaster ends every backend and reinitializes: wait until that
                         // reached every session, so that no statement of ours runs before it.
                         for s in &mut self.sessions {
-                            let gone = wait_until(Duration::from_secs(30), || Ok(s.client.batch_execute("SELECT 1").is_err()));
+                            let gone =
+                                wait_until(Duration::from_secs(30), || Ok(s.client.batch_execute("SELECT 1").is_err()));
                             if !gone.unwrap_or(false) {
                                 self.findings.push(format!("the server did not restart after worker {pid} was killed"));
                             }
                         }
                         self.after_crash();
                         self.count("kill_worker");
-                        self.record("-".into(), format!("SIGKILL worker {pid}"), "server restarted".into(), t0.elapsed().as_millis());
+                        self.record(
+                            "-".into(),
+                            format!("SIGKILL worker {pid}"),
+                            "server restarted".into(),
+                            t0.elapsed().as_millis(),
+                        );
                     }
                     None => {
                         self.count("kill_worker");
-                        self.record("-".into(), "SIGKILL a worker".into(), "no worker to kill".into(), t0.elapsed().as_millis());
+                        self.record(
+                            "-".into(),
+                            "SIGKILL a worker".into(),
+                            "no worker to kill".into(),
+                            t0.elapsed().as_millis(),
+                        );
                     }
                 }
             }
@@ -1463,7 +1679,12 @@ impl History {
                 served::cluster(&["start"]);
                 self.after_crash();
                 self.count("immediate_shutdown");
-                self.record("-".into(), "pg_ctl stop -m immediate; start".into(), "server restarted".into(), t0.elapsed().as_millis());
+                self.record(
+                    "-".into(),
+                    "pg_ctl stop -m immediate; start".into(),
+                    "server restarted".into(),
+                    t0.elapsed().as_millis(),
+                );
             }
         }
     }
@@ -1491,27 +1712,28 @@ impl History {
         }
     }
 
-    /// What an operation would change (for the lock bookkeeping of a failed statement too).
-    fn change_of(op: &Op, tag: usize, believed: Option<i64>) -> Option<Change> {
-        Some(match op {
+    /// What an operation changes (also what a failed statement may still hold locks for).
+    fn changes_of(op: &Op, tag: usize, believed: Option<i64>) -> Vec<Change> {
+        match op {
             Op::Append { stream, events, .. } => {
-                Change::Append { op: tag, stream: stream.clone(), events: events.clone(), believed }
+                vec![Change::Append { op: tag, stream: stream.clone(), events: events.clone(), believed }]
             }
-            Op::Register { spec, .. } => Change::Register(spec.clone()),
-            Op::Unregister { name, drop_schema } => Change::Unregister { name: name.clone(), dropped: drop_schema.is_some() },
-            Op::Cancel { name } => Change::Cancel(name.clone()),
-            Op::Skip { name, .. } => Change::Touch(name.clone()),
-            Op::Retry { name, cure } => {
-                if *cure {
-                    Change::Attempt(Box::new(Change::Cure)) // the lock on the cure rows; no change
-                } else {
-                    Change::Touch(name.clone())
-                }
+            Op::Register { spec, .. } => vec![Change::Register(spec.clone())],
+            Op::Unregister { name, drop_schema } => {
+                vec![Change::Unregister { name: name.clone(), dropped: drop_schema.is_some() }]
             }
-            Op::Cure => Change::Cure,
-            Op::Read { spec } => Change::Read(spec.name.clone()),
-            _ => return None,
-        })
+            // The real id replaces -1 when the statement succeeds.
+            Op::Rebuild { name, new_handler, .. } => {
+                vec![Change::Rebuild { id: -1, name: name.clone(), new_handler: *new_handler }]
+            }
+            Op::Cancel { name } => vec![Change::Cancel(name.clone())],
+            Op::Skip { name, .. } => vec![Change::Touch(name.clone())],
+            Op::Retry { name, cure: true } => vec![Change::Touch(name.clone()), Change::Cure],
+            Op::Retry { name, cure: false } => vec![Change::Touch(name.clone())],
+            Op::Cure => vec![Change::Cure],
+            Op::Read { spec } => vec![Change::Read(spec.name.clone())],
+            _ => vec![],
+        }
     }
 
     /// Whether a failure is one the operation may meet; Err says why not.
@@ -1535,7 +1757,9 @@ impl History {
         match op {
             Op::Append { stream, events, expected, .. } => {
                 if code == "40001" && message.starts_with("wrong expected version") {
-                    let Some(v) = expected else { return Err("a wrong expected version without an expected version".into()) };
+                    let Some(v) = expected else {
+                        return Err("a wrong expected version without an expected version".into());
+                    };
                     if !race {
                         let b = self.believed(s, stream);
                         let actual = message.rsplit("actual ").next().and_then(|x| x.trim().parse::<i64>().ok());
@@ -1558,12 +1782,15 @@ impl History {
                     let view = self.view(s);
                     let named = view.values().any(|p| {
                         p.inline
-                            && HANDLERS[p.handler].picky
+                            && self.maybe_picky(p)
                             && message.contains(&format!("projection \"{}\"", p.name))
                             && events.iter().any(|e| e.poison && p.subscribes(&e.etype))
                     });
                     if !race && !named {
-                        return Err("the error does not name a picky inline projection that subscribes to the poisoned event".into());
+                        return Err(
+                            "the error does not name a picky inline projection that subscribes to the poisoned event"
+                                .into(),
+                        );
                     }
                     return class("poisoned event refused inline");
                 }
@@ -1598,7 +1825,14 @@ impl History {
                     Err(format!("unexpected error {code} {message}"))
                 }
             }
-            Op::Wait { id } => {
+            Op::ReadStream { .. } => {
+                if contention {
+                    contention_class()
+                } else {
+                    Err(format!("unexpected error {code} {message}"))
+                }
+            }
+            Op::Wait { id, .. } => {
                 let gone = self.ledger.rebuilds.get(id).is_none_or(|n| !in_view(n));
                 if code == "57014" && message.contains("did not finish") {
                     class("rebuild still running")
@@ -1643,7 +1877,7 @@ impl History {
 
     /// Updates the sessions and the ledger after a statement, and checks what can be checked on
     /// the spot. Returns the outcome as recorded.
-    fn settle(&mut self, s: usize, op: &Op, tag: usize, prep: &Prep, out: std::result::Result<Got, Fail>, race: bool) -> String {
+    fn settle(&mut self, s: usize, op: &Op, tag: usize, out: std::result::Result<Got, Fail>, race: bool) -> String {
         let believed = match op {
             Op::Append { stream, .. } if !race => Some(self.believed(s, stream)),
             _ => None,
@@ -1662,8 +1896,24 @@ impl History {
                             self.stats.poison_refused += 1;
                         }
                     }
-                    Err(why) => self.findings.push(format!("step {tag} (s{s} {}): {why}", op.describe())),
+                    Err(why) => {
+                        let mut f = format!("step {tag} (s{s} {}): {why}", op.describe());
+                        if code == "25P02" && self.sessions[s].txn.is_none() {
+                            write!(
+                                f,
+                                " -- the session began no transaction: its last failed statement left it inside a failed transaction block ({})",
+                                self.sessions[s].last_failure.clone().unwrap_or_else(|| "none recorded".into())
+                            )
+                            .unwrap();
+                        }
+                        self.findings.push(f);
+                    }
                 }
+                self.sessions[s].last_failure = Some(format!(
+                    "step {tag} {}{}: {code} {message}",
+                    op.describe(),
+                    if self.sessions[s].txn.is_some() { " in a transaction" } else { " outside a transaction" }
+                ));
                 match op {
                     Op::Commit => {
                         self.sessions[s].txn = None;
@@ -1672,8 +1922,8 @@ impl History {
                     _ => {
                         if let Some(t) = &mut self.sessions[s].txn {
                             t.aborted = true;
-                            if let Some(c) = Self::change_of(op, tag, None) {
-                                let d = t.depth;
+                            let d = t.depth;
+                            for c in Self::changes_of(op, tag, None) {
                                 t.changes.push((d, Change::Attempt(Box::new(c))));
                             }
                         }
@@ -1687,7 +1937,8 @@ impl History {
         let in_txn = self.sessions[s].txn.is_some();
         match op {
             Op::Begin(level) => {
-                self.sessions[s].txn = Some(Txn { level: *level, depth: 0, changes: Vec::new(), aborted: false, begun: tag });
+                self.sessions[s].txn =
+                    Some(Txn { level: *level, depth: 0, changes: Vec::new(), aborted: false, begun: tag });
             }
             Op::Savepoint => {
                 if let Some(t) = &mut self.sessions[s].txn {
@@ -1752,25 +2003,35 @@ impl History {
                     }
                     (Op::Read { spec }, Got::Read(r)) => self.check_read(s, tag, spec, r),
                     (Op::Skip { .. }, Got::Skipped { .. }) => self.stats.skipped += 1,
+                    (Op::ReadStream { stream }, Got::Stream(evs)) => {
+                        let b = self.believed(s, stream);
+                        let level = self.sessions[s].txn.as_ref().map(|t| t.level).unwrap_or(Level::ReadCommitted);
+                        let ordered = evs.iter().enumerate().all(|(k, e)| e.0 == k as i64 + 1)
+                            && evs.windows(2).all(|w| w[0].1 < w[1].1);
+                        let n = evs.len() as i64;
+                        // READ COMMITTED sees every commit (the driver's) and its own appends; a
+                        // snapshot of an older transaction may see fewer.
+                        let count_ok = if level == Level::ReadCommitted || race { n == b || race } else { n <= b };
+                        if !ordered || !count_ok {
+                            self.findings.push(format!(
+                                "step {tag} (s{s} read_stream {stream}): {n} events {evs:?}; the stream's version is {b} for this session"
+                            ));
+                        }
+                    }
                     _ => {}
                 }
-                let _ = prep;
-                let change = match (op, &got) {
-                    (Op::Rebuild { name, new_handler, .. }, Got::Id(id)) => {
-                        Some(Change::Rebuild { id: *id, name: name.clone(), new_handler: *new_handler })
+                let mut changes = Self::changes_of(op, tag, believed);
+                for c in &mut changes {
+                    if let (Change::Rebuild { id, .. }, Got::Id(real)) = (c, &got) {
+                        *id = *real;
                     }
-                    _ => Self::change_of(op, tag, believed),
-                };
-                if let Some(c) = change {
-                    if in_txn {
-                        let t = self.sessions[s].txn.as_mut().unwrap();
-                        let d = t.depth;
-                        t.changes.push((d, c));
-                    } else {
-                        self.ledger.commit(vec![c], &mut self.stats);
-                        self.stats.autocommit_ok += 1;
-                    }
-                } else if !in_txn {
+                }
+                if in_txn {
+                    let t = self.sessions[s].txn.as_mut().unwrap();
+                    let d = t.depth;
+                    t.changes.extend(changes.into_iter().map(|c| (d, c)));
+                } else {
+                    self.ledger.commit(changes, &mut self.stats);
                     self.stats.autocommit_ok += 1;
                 }
             }
@@ -1785,7 +2046,21 @@ impl History {
         let applied: BTreeSet<i64> = r.applied.iter().copied().collect();
         let log: BTreeSet<i64> = r.log.iter().copied().collect();
         let what = format!("step {tag} (s{s} read {})", spec.name);
-        if spec.inline {
+        // A transaction that registered the projection itself built its model with snapshots newer
+        // than its own (REPEATABLE READ, SERIALIZABLE): the model may hold events committed after
+        // the transaction's snapshot, which the same transaction cannot see in the log.
+        let own_registration = self.sessions[s].txn.as_ref().is_some_and(|t| {
+            t.level != Level::ReadCommitted
+                && t.changes.iter().any(|(_, c)| matches!(c, Change::Register(p) if p.name == spec.name))
+        });
+        if spec.inline && own_registration {
+            let missing: Vec<_> = log.difference(&applied).take(10).collect();
+            if !missing.is_empty() {
+                self.findings.push(format!(
+                    "{what}: the model of a projection this transaction registered lacks events of its snapshot: {missing:?}"
+                ));
+            }
+        } else if spec.inline {
             if applied != log {
                 let missing: Vec<_> = log.difference(&applied).take(10).collect();
                 let extra: Vec<_> = applied.difference(&log).take(10).collect();
@@ -1813,74 +2088,115 @@ impl History {
     // A whole history
 
     fn setup(&mut self) {
-        let c = &mut self.chk;
-        checker_setup(c);
+        checker_setup(&mut self.chk);
+        let batch = format!("ALTER SYSTEM SET event_projections.batch_size = {}", self.cfg.batch_size);
         served::settings(
-            c,
+            &mut self.chk,
             &[
-                &format!("ALTER SYSTEM SET event_projections.batch_size = {}", self.cfg.batch_size),
+                &batch,
                 "ALTER SYSTEM SET event_projections.max_attempts = 3",
                 "ALTER SYSTEM SET event_projections.retry_backoff = '10ms'",
             ],
         );
+        if self.carried {
+            self.carry_over();
+        } else {
+            self.fresh_setup();
+        }
+    }
+
+    /// A fresh extension: the handlers, and a log of `fill` events.
+    fn fresh_setup(&mut self) {
+        let c = &mut self.chk;
         c.batch_execute(SETUP_SQL).unwrap_or_else(|e| panic!("creating the handlers: {}", show(&e)));
+        let o = self.base;
         if self.cfg.fill > 0 {
             c.batch_execute(&format!(
-                "SELECT count(ep_append('s' || (j % {STREAMS}), (ARRAY['A','B','C','D'])[1 + j % 4], jsonb_build_object('o', 0, 'k', j))) \
+                "SELECT count(ep_append('s' || (j % {STREAMS}), (ARRAY['A','B','C','D'])[1 + j % 4], jsonb_build_object('o', {o}, 'k', j))) \
                  FROM generate_series(0, {}) j",
                 self.cfg.fill - 1
             ))
             .unwrap_or_else(|e| panic!("filling the log: {}", show(&e)));
-            let mut events = Vec::new();
-            for j in 0..self.cfg.fill {
-                events.push(Change::Append {
-                    op: 0,
-                    stream: format!("s{}", j % STREAMS),
-                    events: vec![NewEv { etype: TYPES[j % 4].into(), poison: false }],
-                    believed: None,
-                });
-            }
-            // One commit; the events' (op 0, k) tags are their j.
+            // One commit; the events' (o, k) tags are (base, j).
             self.ledger.csn += 1;
-            for (j, e) in events.into_iter().enumerate() {
-                if let Change::Append { stream, events, .. } = e {
-                    self.ledger.events.insert(
-                        (0, j),
-                        CommittedEvent { stream: stream.clone(), etype: events[0].etype.clone(), poison: false, csn: self.ledger.csn },
-                    );
-                    *self.ledger.versions.entry(stream).or_insert(0) += 1;
-                }
+            for j in 0..self.cfg.fill {
+                let stream = format!("s{}", j % STREAMS);
+                self.ledger.events.insert(
+                    (o, j),
+                    CommittedEvent {
+                        stream: stream.clone(),
+                        etype: TYPES[j % 4].into(),
+                        poison: false,
+                        csn: self.ledger.csn,
+                    },
+                );
+                *self.ledger.versions.entry(stream).or_insert(0) += 1;
             }
             self.stats.events += self.cfg.fill as u64;
         }
-        for s in &mut self.sessions {
-            // A session kept from an earlier history is idle, outside any transaction.
-            let _ = s.client.batch_execute("ROLLBACK");
+        self.record(
+            "-".into(),
+            format!("setup: config {:?}", self.cfg),
+            format!("fresh extension; log filled with {} events", self.cfg.fill),
+            0,
+        );
+    }
+
+    /// The log and the handlers of the previous history, its projections unregistered and their
+    /// models dropped: the ledger starts from the log as it is.
+    fn carry_over(&mut self) {
+        let c = &mut self.chk;
+        c.batch_execute(
+            "SELECT ep_unregister_projection(name) FROM ep.projections;
+             DO $$ DECLARE s text; BEGIN
+               FOR s IN SELECT nspname FROM pg_namespace WHERE nspname LIKE 'w\\_h%' AND nspname <> 'w_hctl' LOOP
+                 EXECUTE format('DROP SCHEMA %I CASCADE', s);
+               END LOOP; END $$;",
+        )
+        .unwrap_or_else(|e| panic!("clearing the previous history's projections: {}", show(&e)));
+        let rows = c
+            .query("SELECT stream_id, event_type, data FROM ep.events", &[])
+            .unwrap_or_else(|e| panic!("reading the log: {}", show(&e)));
+        for r in &rows {
+            let data: Value = r.get(2);
+            let o = data.get("o").and_then(Value::as_u64).unwrap_or(u64::MAX) as usize;
+            let k = data.get("k").and_then(Value::as_u64).unwrap_or(u64::MAX) as usize;
+            let ev = CommittedEvent { stream: r.get(0), etype: r.get(1), poison: data.get("poison").is_some(), csn: 0 };
+            *self.ledger.versions.entry(ev.stream.clone()).or_insert(0) += 1;
+            self.ledger.events.insert((o, k), ev);
         }
-        self.record("-".into(), format!("setup: config {:?}", self.cfg), format!("log filled with {} events", self.cfg.fill), 0);
+        self.record(
+            "-".into(),
+            format!("setup: config {:?}", self.cfg),
+            format!("carried over the previous history's log of {} events", rows.len()),
+            0,
+        );
     }
 
     fn run(&mut self) {
         self.setup();
-        for _ in 0..self.cfg.initial_projections {
+        for i in 0..self.cfg.initial_projections {
             let d = Draw::take(&mut self.rng);
-            let spec = self.new_spec(&d, 4);
+            let mut spec = self.new_spec(&d, 4);
+            // At least one of each mode from the start.
+            if i < 2 {
+                spec.inline = i == 0;
+            }
             self.step(Step::S(0, Op::Register { spec, precreate: false }));
         }
-        for step in 0..self.cfg.steps {
+        for _ in 0..self.cfg.steps {
             let d = Draw::take(&mut self.rng);
-            let st = self.generate(&d, self.recs.len() + 1);
+            let st = self.generate(&d, self.base + self.recs.len() + 1);
             self.step(st);
             self.stats.steps += 1;
             if !self.findings.is_empty() {
                 return;
             }
-            let _ = step;
         }
         // End every open transaction.
         for s in 0..self.sessions.len() {
             let Some(t) = &self.sessions[s].txn else { continue };
-            let op = if t.aborted || self.rng.next() % 10 < 3 { Op::Rollback } else { Op::Commit };
+            let op = if t.aborted || self.rng.next_u64() % 10 < 3 { Op::Rollback } else { Op::Commit };
             self.step(Step::S(s, op));
         }
         if self.findings.is_empty() {
@@ -1941,17 +2257,23 @@ impl History {
         for row in self.chk_rows("SELECT name, status, last_error FROM ep.projections WHERE last_error IS NOT NULL") {
             let (name, status, err): (String, String, String) = (row.get(0), row.get(1), row.get(2));
             if !err.contains("poisoned event") {
-                self.findings.push(format!("projection {name} ({status}) failed with something else than a poisoned event: {err}"));
+                self.findings.push(format!(
+                    "projection {name} ({status}) failed with something else than a poisoned event: {err}"
+                ));
             } else {
                 self.note(format!("projection {name} was {status} on: {err}"));
             }
         }
-        for row in self.chk_rows("SELECT id, projection, strategy, status, coalesce(error, '') FROM ep.rebuilds ORDER BY id") {
+        for row in
+            self.chk_rows("SELECT id, projection, strategy, status, coalesce(error, '') FROM ep.rebuilds ORDER BY id")
+        {
             let (id, name, strategy, status, err): (i64, String, String, String, String) =
                 (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
             *self.stats.rebuilds.entry(status.clone()).or_default() += 1;
             if status == "failed" && !err.contains("poisoned event") {
-                self.findings.push(format!("rebuild {id} of {name} ({strategy}) failed with something else than a poisoned event: {err}"));
+                self.findings.push(format!(
+                    "rebuild {id} of {name} ({strategy}) failed with something else than a poisoned event: {err}"
+                ));
             }
         }
         // 2. Recovery: cure the poison, retry what failed, rebuild what is stale.
@@ -1967,7 +2289,8 @@ impl History {
         );
         let mut rebuild_again = Vec::new();
         for row in rows {
-            let (name, mode, status, last): (String, String, String, Option<String>) = (row.get(0), row.get(1), row.get(2), row.get(3));
+            let (name, mode, status, last): (String, String, String, Option<String>) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
             match (mode.as_str(), status.as_str()) {
                 ("async", "failed") => {
                     if let Err(e) = self.chk.execute("SELECT ep_retry_projection($1)", &[&name]) {
@@ -1991,47 +2314,62 @@ impl History {
             }
         }
         for name in rebuild_again {
-            match self.chk.query_one("SELECT ep_rebuild_wait(ep_rebuild($1, 'in_place'), '120 s')", &[&name]) {
-                Err(e) if e.code().map(|c| c.code()) == Some("55000") => {
-                    // Queued by this statement's transaction: queue, commit, then wait.
-                    let id: i64 = match self.chk.query_one("SELECT ep_rebuild($1, 'in_place')", &[&name]) {
-                        Ok(r) => r.get(0),
-                        Err(e) => {
-                            self.findings.push(format!("rebuilding {name}: {}", show(&e)));
-                            continue;
-                        }
-                    };
-                    match self.chk.query_one("SELECT ep_rebuild_wait($1, '120 s')", &[&id]) {
-                        Ok(r) if r.get::<_, String>(0) == "done" => {}
-                        Ok(r) => self.findings.push(format!("the rebuild {id} of {name} after the history ended {}", r.get::<_, String>(0))),
-                        Err(e) => self.findings.push(format!("waiting for the rebuild {id} of {name}: {}", show(&e))),
-                    }
-                }
-                Err(e) => self.findings.push(format!("rebuilding {name}: {}", show(&e))),
-                Ok(r) => {
-                    let st: String = r.get(0);
-                    if st != "done" {
-                        self.findings.push(format!("the rebuild of {name} after the history ended {st}"));
-                    }
-                }
+            // Queued in a statement of its own: the worker sees it once that commits.
+            let waited = self
+                .chk
+                .query_one("SELECT ep_rebuild($1, 'in_place')", &[&name])
+                .and_then(|r| self.chk.query_one("SELECT ep_rebuild_wait($1, '120 s')", &[&r.get::<_, i64>(0)]));
+            match waited {
+                Ok(r) if r.get::<_, String>(0) == "done" => {}
+                Ok(r) => self
+                    .findings
+                    .push(format!("the rebuild of {name} after the history ended {}", r.get::<_, String>(0))),
+                Err(e) => self.findings.push(format!("rebuilding {name} after the history: {}", show(&e))),
             }
         }
         // 3. Every async projection catches up to the head; every projection is active.
-        let head: i64 = self.chk.query_one("SELECT coalesce(max(global_position), 0) FROM ep.events", &[]).map(|r| r.get(0)).unwrap_or(0);
-        let asyncs: Vec<String> =
-            self.chk_rows("SELECT name FROM ep.projections WHERE mode = 'async' ORDER BY id").iter().map(|r| r.get(0)).collect();
+        let head: i64 = self
+            .chk
+            .query_one("SELECT coalesce(max(global_position), 0) FROM ep.events", &[])
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        let asyncs: Vec<String> = self
+            .chk_rows("SELECT name FROM ep.projections WHERE mode = 'async' ORDER BY id")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         for name in asyncs {
-            match self.chk.query_one("SELECT ep_wait_for($1, $2, '120 s')", &[&name, &head]) {
-                Ok(r) if r.get::<_, bool>(0) => {}
-                Ok(_) => {
-                    let st = self
-                        .chk
-                        .query_one("SELECT status || ' at ' || position || coalesce(' failing on ' || failing_position || ': ' || last_error, '') FROM ep.projections WHERE name = $1", &[&name])
-                        .map(|r| r.get::<_, String>(0))
-                        .unwrap_or_default();
-                    self.findings.push(format!("async projection {name} did not reach the head {head} within 120 s: {st}"));
+            // A delivery attempt that began before the cure committed can still fail and stop the
+            // projection after it: retry then (at most a few times).
+            for attempt in 0.. {
+                match self.chk.query_one("SELECT ep_wait_for($1, $2, '60 s')", &[&name, &head]) {
+                    Ok(r) if r.get::<_, bool>(0) => break,
+                    Ok(_) => {
+                        let (status, st) = self
+                            .chk
+                            .query_one(
+                                "SELECT status, status || ' at ' || position || coalesce(' failing on ' || failing_position || ': ' || last_error, '') \
+                                 FROM ep.projections WHERE name = $1",
+                                &[&name],
+                            )
+                            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                            .unwrap_or_default();
+                        if status == "failed" && attempt < 3 {
+                            self.note(format!("{name} stopped again after the cure ({st}): retried"));
+                            if let Err(e) = self.chk.execute("SELECT ep_retry_projection($1)", &[&name]) {
+                                self.findings.push(format!("retrying {name}: {}", show(&e)));
+                                break;
+                            }
+                            continue;
+                        }
+                        self.findings.push(format!("async projection {name} did not reach the head {head}: {st}"));
+                        break;
+                    }
+                    Err(e) => {
+                        self.findings.push(format!("ep_wait_for({name}): {}", show(&e)));
+                        break;
+                    }
                 }
-                Err(e) => self.findings.push(format!("ep_wait_for({name}): {}", show(&e))),
             }
         }
         for row in self.chk_rows("SELECT name, status, coalesce(last_error, '') FROM ep.projections WHERE status <> 'active' OR last_error IS NOT NULL") {
@@ -2081,7 +2419,10 @@ impl History {
                 Some(e) => {
                     let poison = e.data.get("poison").is_some();
                     if e.stream_id != c.stream || e.event_type != c.etype || poison != c.poison {
-                        self.findings.push(format!("event o={} k={} is {e:?} in the log; the tester appended {c:?}", key.0, key.1));
+                        self.findings.push(format!(
+                            "event o={} k={} is {e:?} in the log; the tester appended {c:?}",
+                            key.0, key.1
+                        ));
                     }
                 }
             }
@@ -2111,7 +2452,8 @@ impl History {
             }
             for (k, e) in evs.iter().enumerate() {
                 if e.stream_position != first + k as i64 || (k > 0 && e.global_position <= evs[k - 1].global_position) {
-                    self.findings.push(format!("the events of the append of step {} are not consecutive: {evs:?}", a.op));
+                    self.findings
+                        .push(format!("the events of the append of step {} are not consecutive: {evs:?}", a.op));
                     break;
                 }
             }
@@ -2124,8 +2466,14 @@ impl History {
         );
         let mut actual = BTreeSet::new();
         for row in rows {
-            let (name, mode, handler, batch, types, schema): (String, String, String, bool, Option<Vec<String>>, Option<String>) =
-                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5));
+            let (name, mode, handler, batch, types, schema): (
+                String,
+                String,
+                String,
+                bool,
+                Option<Vec<String>>,
+                Option<String>,
+            ) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5));
             actual.insert(name.clone());
             let Some(spec) = self.ledger.registry.get(&name).cloned() else {
                 self.findings.push(format!("projection {name} is registered, but no registration of it committed"));
@@ -2134,11 +2482,16 @@ impl History {
             let allowed = self.ledger.handlers.get(&name).cloned().unwrap_or_default();
             let h = HANDLERS.iter().position(|h| h.regprocedure == handler);
             if mode != spec.mode() || types != spec.types || schema.as_deref() != Some(&spec.schema) {
-                self.findings.push(format!("projection {name} is registered as {mode} {types:?} {schema:?}; the tester registered {}", spec.describe()));
+                self.findings.push(format!(
+                    "projection {name} is registered as {mode} {types:?} {schema:?}; the tester registered {}",
+                    spec.describe()
+                ));
             }
             match h {
                 Some(h) if allowed.contains(&h) && HANDLERS[h].batch == batch => {}
-                _ => self.findings.push(format!("projection {name} has handler {handler} (batch {batch}); allowed: {allowed:?}")),
+                _ => self
+                    .findings
+                    .push(format!("projection {name} has handler {handler} (batch {batch}); allowed: {allowed:?}")),
             }
         }
         for name in self.ledger.registry.keys() {
@@ -2148,7 +2501,7 @@ impl History {
         }
     }
 
-    fn read_model(&mut self, schema: &str) -> Option<(BTreeMap<i64, (String, i64)>, BTreeMap<String, i64>)> {
+    fn read_model(&mut self, schema: &str) -> Option<(Applied, BTreeMap<String, i64>)> {
         let exists: bool = self
             .chk
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{schema}.applied")])
@@ -2162,7 +2515,11 @@ impl History {
             .iter()
             .map(|r| (r.get::<_, i64>(0), (r.get::<_, String>(1), r.get::<_, i64>(2))))
             .collect();
-        let heads = self.chk_rows(&format!("SELECT stream_id, last FROM {schema}.heads")).iter().map(|r| (r.get(0), r.get(1))).collect();
+        let heads = self
+            .chk_rows(&format!("SELECT stream_id, last FROM {schema}.heads"))
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
         Some((applied, heads))
     }
 
@@ -2191,10 +2548,14 @@ impl History {
                 .map(|e| (e.global_position, (e.stream_id.clone(), e.stream_position)))
                 .collect();
             let skips = skipped.get(&spec.name).cloned().unwrap_or_default();
-            let missing: Vec<i64> =
-                expected.keys().filter(|p| !applied.contains_key(p) && (spec.inline || !skips.contains(p))).copied().collect();
+            let missing: Vec<i64> = expected
+                .keys()
+                .filter(|p| !applied.contains_key(p) && (spec.inline || !skips.contains(p)))
+                .copied()
+                .collect();
             let extra: Vec<i64> = applied.keys().filter(|p| !expected.contains_key(p)).copied().collect();
-            let wrong: Vec<i64> = applied.iter().filter(|(p, v)| expected.get(p).is_some_and(|x| x != *v)).map(|(p, _)| *p).collect();
+            let wrong: Vec<i64> =
+                applied.iter().filter(|(p, v)| expected.get(p).is_some_and(|x| x != *v)).map(|(p, _)| *p).collect();
             if !missing.is_empty() || !extra.is_empty() || !wrong.is_empty() {
                 self.findings.push(format!(
                     "the model of {} differs from a replay of the log ({} events of its types, {} in the model, {} skipped): missing {:?}, not in the log {:?}, wrong {:?}",
@@ -2221,7 +2582,8 @@ impl History {
                 .filter(|e| applied.contains_key(&e.global_position) && csn_of(e, &self.ledger) > csn)
                 .map(|e| e.global_position)
                 .collect();
-            let unknown: Vec<i64> = applied.keys().filter(|p| !log.iter().any(|e| e.global_position == **p)).copied().collect();
+            let unknown: Vec<i64> =
+                applied.keys().filter(|p| !log.iter().any(|e| e.global_position == **p)).copied().collect();
             if !late.is_empty() || !unknown.is_empty() {
                 self.findings.push(format!(
                     "unregistered projection {} received events that committed after its unregistration {late:?}, or that are not in the log {unknown:?}",
@@ -2234,7 +2596,10 @@ impl History {
             .ledger
             .precreated
             .values()
-            .filter(|p| !self.ledger.registry.contains_key(&p.name) && !self.ledger.unregistered.iter().any(|u| u.0.name == p.name))
+            .filter(|p| {
+                !self.ledger.registry.contains_key(&p.name)
+                    && !self.ledger.unregistered.iter().any(|u| u.0.name == p.name)
+            })
             .cloned()
             .collect();
         for g in ghosts {
@@ -2265,7 +2630,8 @@ impl History {
             *h = (*h).max(*position);
         }
         if &derived != heads {
-            self.findings.push(format!("the heads of {name}'s model do not agree with its events: {heads:?} vs {derived:?}"));
+            self.findings
+                .push(format!("the heads of {name}'s model do not agree with its events: {heads:?} vs {derived:?}"));
         }
     }
 
@@ -2324,7 +2690,7 @@ impl History {
     fn failure_report(&mut self, test: &str, findings: &str) -> String {
         let mut s = String::new();
         writeln!(s, "\n==== {test}: a history failed: EP_SEED={}", self.seed).unwrap();
-        writeln!(s, "replay: EP_SEED={} EP_HISTORIES=1 cargo test --release --test histories {test} -- --nocapture", self.seed).unwrap();
+        writeln!(s, "replay: {}", self.replay).unwrap();
         writeln!(s, "config: {:?}", self.cfg).unwrap();
         writeln!(s, "findings:").unwrap();
         for f in findings.lines() {
@@ -2337,8 +2703,16 @@ impl History {
         writeln!(s, "open transactions at the end:").unwrap();
         for (i, sess) in self.sessions.iter().enumerate() {
             if let Some(t) = &sess.txn {
-                writeln!(s, "  s{i}: {} since step {}, savepoint depth {}, aborted {}, {} changes", t.level.short(), t.begun, t.depth, t.aborted, t.changes.len())
-                    .unwrap();
+                writeln!(
+                    s,
+                    "  s{i}: {} since step {}, savepoint depth {}, aborted {}, {} changes",
+                    t.level.short(),
+                    t.begun,
+                    t.depth,
+                    t.aborted,
+                    t.changes.len()
+                )
+                .unwrap();
             }
         }
         writeln!(s, "notes:").unwrap();
@@ -2351,13 +2725,16 @@ impl History {
         }
         let dump = self.state_dump();
         s.push_str(&dump);
-        writeln!(s, "==== replay: EP_SEED={} EP_HISTORIES=1 cargo test --release --test histories {test} -- --nocapture", self.seed).unwrap();
+        writeln!(s, "==== replay: {}", self.replay).unwrap();
         s
     }
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "(no message)".into())
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Resets the settings the histories change, also when a test fails.
@@ -2387,6 +2764,8 @@ pub fn run(test: &str, plan: &Plan) -> Stats {
     let mut total = Stats::default();
     let mut last_report = Instant::now();
     let mut round = Stats::default();
+    // The served database's turn and the checker's connection, kept while histories carry over.
+    let mut epoch: Option<(Served, Client)> = None;
     let mut i = 0;
     loop {
         if plan.histories.is_some_and(|n| i >= n) || plan.duration.is_some_and(|d| started.elapsed() >= d) {
@@ -2399,8 +2778,27 @@ pub fn run(test: &str, plan: &Plan) -> Stats {
         let hseed = history_seed(master, i);
         let cfg = Config::for_seed(hseed, plan);
         let t = Instant::now();
-        let (_served, chk) = Served::fresh();
-        let mut h = History::new(hseed, cfg, chk, &mut clients);
+        let carried = plan.carry_over
+            && epoch.as_mut().is_some_and(|(_, c)| {
+                c.query_one("SELECT count(*) FROM ep.events", &[])
+                    .map(|r| r.get::<_, i64>(0) <= plan.log_limit)
+                    .unwrap_or(false)
+            });
+        if !carried {
+            drop(epoch.take()); // releases the turn before taking it again
+            epoch = Some(Served::fresh());
+        }
+        let (served, chk) = epoch.take().unwrap();
+        let replay = if plan.carry_over {
+            format!(
+                "EP_SEED={master} EP_HISTORIES={} cargo test --release --test histories {test} -- --ignored --nocapture (this history #{i} ran on the log the earlier ones left{})",
+                i + 1,
+                if carried { "" } else { ": it started a fresh extension" }
+            )
+        } else {
+            format!("EP_SEED={hseed} EP_HISTORIES=1 cargo test --release --test histories {test} -- --nocapture")
+        };
+        let mut h = History::new(hseed, cfg, chk, &mut clients, i, plan.carry_over, carried, replay);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.run()));
         let failure = match result {
             Ok(()) if h.findings.is_empty() => None,
@@ -2416,22 +2814,25 @@ pub fn run(test: &str, plan: &Plan) -> Stats {
             }
             panic!("{test}: history {i} failed (EP_SEED={}): {}", h.seed, f.lines().next().unwrap_or_default());
         }
+        if std::env::var("EP_HISTORY_PRINT").is_ok_and(|v| v == "1") {
+            eprintln!("{}", h.failure_report(test, "(none: printed because EP_HISTORY_PRINT=1)"));
+        }
         h.stats.histories = 1;
         h.stats.seconds = t.elapsed().as_secs_f64();
         eprintln!(
-            "{test}: history {i} EP_SEED={hseed}: {} sessions, {} steps, {} operations, {} events committed, {} crashes, {:.1} s",
+            "{test}: history {i} EP_SEED={hseed}: {} sessions, {} steps, {} operations, {} events committed, {} crashes, {:.1} s{}",
             h.cfg.sessions,
             h.stats.steps,
             h.stats.operations,
             h.stats.events,
             h.stats.kills + h.stats.restarts,
-            h.stats.seconds
+            h.stats.seconds,
+            if carried { " (log carried over)" } else { "" }
         );
         h.give_back(&mut clients);
-        // After a crash the sessions are new connections; keep them.
         total.add(&h.stats);
         round.add(&h.stats);
-        drop(h);
+        epoch = Some((served, h.chk));
         i += 1;
         if let Some(every) = plan.report_every {
             if last_report.elapsed() >= every {

@@ -14,6 +14,7 @@ use std::fmt::Debug;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
+pub mod history;
 pub mod served;
 
 pub use postgres;

@@ -83,6 +83,15 @@ pub fn lock_patiently(object: u32, mode: Mode, timeout_ms: i32) {
                 true
             })
             .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| false)
+            .catch_others(|e| {
+                // Any other error (a cancel, a statement timeout, a deadlock) ends the wait: the
+                // internal subtransaction is rolled back before the error goes on, as a PL/pgSQL
+                // exception block does, or the session would be left inside it.
+                pg_sys::RollbackAndReleaseCurrentSubTransaction();
+                pg_sys::MemoryContextSwitchTo(cxt);
+                pg_sys::CurrentResourceOwner = owner;
+                e.rethrow()
+            })
             .execute();
             if got {
                 pg_sys::AtEOXact_GUC(true, nest);

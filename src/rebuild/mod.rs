@@ -161,6 +161,26 @@ pub fn queue(
     }
     check_model_schema(&p)?;
     inflight::require_worker()?;
+    // The projection's row, locked (FOR KEY SHARE) and read again with a snapshot taken after the
+    // lock: an unregistration that committed meanwhile leaves nothing to rebuild (42704), and one
+    // that comes later waits for this transaction and then deletes the rebuild with the
+    // projection (the foreign key cascades).
+    let still_there = catalog::read(|| {
+        Spi::connect(|client| {
+            !spi::exec(
+                client,
+                &Stmt { sql: "SELECT 1 FROM ep.projections WHERE id = $1 FOR KEY SHARE", types: &[pg_sys::INT4OID] },
+                &[p.id.into_datum()],
+                // The latest snapshot, not a REPEATABLE READ transaction's: `by_name` read it so too.
+                Snap::Latest,
+                0,
+            )
+            .is_empty()
+        })
+    });
+    if !still_there {
+        return Err(RegistryError::Unknown(name.into()).into());
+    }
     let existing = catalog::read(|| {
         Spi::connect(|client| spi::exec(client, &OPEN_REBUILD, &[p.id.into_datum()], Snap::Latest, 0).get::<i64>(0, 1))
     });
@@ -453,7 +473,7 @@ static START: Stmt = Stmt {
     sql: "UPDATE ep.rebuilds SET status = 'running', phase = 'replaying', checkpoint = 0, events_done = 0, behind = NULL, \
                  started_at = pg_catalog.now(), build_schema = $2, events_total = NULL, \
                  target_position = (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM ep.global_position_seq) \
-          WHERE id = $1",
+          WHERE id = $1 AND status = 'queued' AND NOT cancel_requested RETURNING id",
     types: &[pg_sys::INT8OID, pg_sys::TEXTOID],
 };
 
@@ -557,8 +577,13 @@ pub fn truncate_model(p: &Projection) {
 }
 
 /// Marks the rebuild running, with its build schema and the number of events it will replay.
-pub fn mark_started(cat: &Catalog, r: &Rebuild, build: Option<&str>) {
-    exec_priv(cat, &START, &[r.id.into_datum(), build.and_then(spi::text)]);
+/// Marks the rebuild running, with its build schema, in the step that started it; raises (the step
+/// rolls back, emptied model and all) when the rebuild was cancelled, or started by another
+/// process, since the step read it as queued.
+pub fn mark_started(cat: &Catalog, p: &Projection, r: &Rebuild, build: Option<&str>) {
+    if exec_priv(cat, &START, &[r.id.into_datum(), build.and_then(spi::text)]).is_none() {
+        handoff::raise_overtaken(&p.name);
+    }
 }
 
 /// Fills in the number of events a running rebuild will replay, once (it reads the whole log, so
@@ -574,7 +599,7 @@ fn start_in_place(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
     lock_for_handoff(p);
     exec_priv(cat, &SET_STATUS, &[p.id.into_datum(), spi::text(Status::Rebuilding.as_str())]);
     truncate_model(p);
-    mark_started(cat, r, None);
+    mark_started(cat, p, r, None);
     inflight::bump_epoch_at_commit();
     Progress::Busy
 }
@@ -628,7 +653,7 @@ pub fn create_build_copy(cat: &Catalog, p: &Projection, r: &Rebuild) {
             }
         }
     }
-    mark_started(cat, r, Some(&build));
+    mark_started(cat, p, r, Some(&build));
 }
 
 /// `<live><suffix><id>`, shortened so that it fits in a name (63 bytes): the live name is cut, at
@@ -850,6 +875,12 @@ pub fn finish_unsuccessfully(
                     });
                 }
             }
+        }
+        // An async projection's in-place rebuild only reset its position: delivery goes on from
+        // where it is, so the projection is active again (it was `rebuilding` meanwhile).
+        Strategy::InPlace if r.phase != Phase::Queued && p.mode == ProjectionMode::Async => {
+            exec_priv(cat, &SET_STATUS, &[p.id.into_datum(), spi::text(Status::Active.as_str())]);
+            inflight::bump_epoch_at_commit();
         }
         Strategy::InPlace if r.phase != Phase::Queued && p.mode == ProjectionMode::Inline => {
             // Appends must keep skipping: the model is incomplete. No lock needed: the status was

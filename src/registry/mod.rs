@@ -598,18 +598,33 @@ pub fn unregister(name: Option<&str>) -> Result<(), RegistryError> {
     handoff::lock_patiently(p.id as u32, Mode::Exclusive, timeout);
     catalog::privileged(&cat, || {
         Spi::connect(|client| {
-            spi::exec(
+            // The projection's skips go with it: they are decisions about its events, and must
+            // not apply to whoever registers the name next.
+            let deleted = spi::exec(
                 client,
                 &Stmt {
-                    // The projection's skips go with it: they are decisions about its events,
-                    // and must not apply to whoever registers the name next.
-                    sql: "WITH r AS (DELETE FROM ep.rebuilds WHERE projection_id = $1), \
-                               s AS (DELETE FROM ep.skipped_events WHERE projection = (SELECT name FROM ep.projections WHERE id = $1)) \
-                          DELETE FROM ep.projections WHERE id = $1",
+                    sql: "WITH s AS (DELETE FROM ep.skipped_events WHERE projection = (SELECT name FROM ep.projections WHERE id = $1)) \
+                          DELETE FROM ep.projections WHERE id = $1 RETURNING id",
                     types: &[pg_sys::INT4OID],
                 },
                 &[p.id.into_datum()],
                 Snap::Fresh,
+                0,
+            );
+            // `by_name` found the row with a snapshot taken now; a REPEATABLE READ transaction
+            // whose snapshot predates the registration sees no row to delete (the randomized
+            // histories found such an unregistration that deleted nothing and said ok).
+            if deleted.is_empty() {
+                crate::pg::error::raise(&crate::handoff::CrossedHandoff { projection: p.name.clone() });
+            }
+            // Its rebuilds, in a statement of its own, with a snapshot taken after the row was
+            // deleted: an ep_rebuild that held the row (FOR KEY SHARE) made that DELETE wait
+            // for its commit, and its rebuild is visible now (at any isolation level).
+            spi::exec(
+                client,
+                &Stmt { sql: "DELETE FROM ep.rebuilds WHERE projection_id = $1", types: &[pg_sys::INT4OID] },
+                &[p.id.into_datum()],
+                Snap::Latest,
                 0,
             );
         })

@@ -178,7 +178,7 @@ fn rebuild_step(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
         (Strategy::InPlace, rebuild::Phase::Queued) => {
             rebuild::truncate_model(p);
             exec(cat, &ASYNC_RESET, &[p.id.into_datum()]);
-            rebuild::mark_started(cat, r, None);
+            rebuild::mark_started(cat, p, r, None);
             inflight::bump_epoch_at_commit();
             Progress::Busy
         }
