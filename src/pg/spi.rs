@@ -20,6 +20,9 @@ pub enum Snap {
     Fresh,
     /// A snapshot taken now, at any isolation level (after the lock we just waited for).
     Latest,
+    /// The calling statement's snapshot (read-only execution): what the query that called us
+    /// reads its other tables with.
+    Caller,
 }
 
 /// A statement with its parameter types, prepared on first use and kept for the backend's life.
@@ -181,6 +184,7 @@ fn exec_pinned<'c>(stmt: &Stmt, args: &[Option<pg_sys::Datum>], snap: Snap, limi
     unsafe {
         let rc = match snap {
             Snap::Fresh => pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, limit),
+            Snap::Caller => pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), true, limit),
             Snap::Latest => pg_sys::SPI_execute_snapshot(
                 plan,
                 values.as_mut_ptr(),
