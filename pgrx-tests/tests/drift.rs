@@ -86,3 +86,32 @@ fn a_committed_change_is_followed_by_every_session() {
     append(&mut other, "b", "T", &json!({}), None).unwrap();
     assert_eq!(read_counts(&mut c, "bal"), before, "an unregistered projection's handler ran");
 }
+
+/// A registration waits for the registry lock while an append transaction is open, one short
+/// lock_timeout attempt after another; `statement_timeout` still ends the wait (PostgreSQL drops
+/// the statement timeout's indicator when both timers expire together, and the extension checks
+/// the clock itself between attempts). The session is usable afterwards.
+#[test]
+fn a_registration_waiting_for_appends_obeys_statement_timeout() {
+    let (db, mut c) = with_bal("drift_reg_timeout");
+    create_counts_model(&mut c, "late");
+    let mut open = db.connect();
+    open.batch_execute("BEGIN").unwrap();
+    append(&mut open, "a", "T", &json!({}), None).unwrap(); // holds the registry lock SHARED
+    c.batch_execute("SET statement_timeout = '1s'").unwrap();
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let r = register_counts(&mut c, "late", "late");
+        expect_sqlstate(r, &postgres::error::SqlState::QUERY_CANCELED, "registration behind an open append");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "the wait outlived statement_timeout: {:?}",
+            t.elapsed()
+        );
+    }
+    open.batch_execute("COMMIT").unwrap();
+    c.batch_execute("RESET statement_timeout").unwrap();
+    register_counts(&mut c, "late", "late").unwrap();
+    append_twice_and_check(&mut c);
+    assert_counts_match_log(&mut c, "late");
+}

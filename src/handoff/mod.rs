@@ -106,8 +106,27 @@ pub fn lock_patiently(object: u32, mode: Mode, timeout_ms: i32) {
         if got {
             return;
         }
+        raise_if_statement_timed_out();
         crate::pg::backend::sleep_ms(pause_ms);
         pause_ms = (pause_ms * 2).min(50);
+    }
+}
+
+/// When a lock timeout and the statement timeout expire together, PostgreSQL reports the lock
+/// timeout and clears the statement timeout's indicator; `lock_patiently` catches the former and
+/// would wait on past `statement_timeout`. So it looks at the clock itself between attempts.
+fn raise_if_statement_timed_out() {
+    // SAFETY: plain reads of a setting, of the statement's start and of the clock.
+    let (timeout_ms, elapsed_us) = unsafe {
+        (pg_sys::StatementTimeout, pg_sys::GetCurrentTimestamp() - pg_sys::GetCurrentStatementStartTimestamp())
+    };
+    if timeout_ms > 0 && elapsed_us >= timeout_ms as i64 * 1000 {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+            "canceling statement due to statement timeout",
+            "event_projections",
+        )
+        .report(PgLogLevel::ERROR);
     }
 }
 

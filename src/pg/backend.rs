@@ -25,7 +25,13 @@ pub fn set_setting(name: &std::ffi::CStr, value: &std::ffi::CStr, action: pg_sys
 /// Sleeps on the process latch for `ms` milliseconds (a cancel, a shutdown or a wake-up ends the
 /// sleep early; interrupts are then processed).
 pub fn sleep_ms(ms: i64) {
-    // SAFETY: WaitLatch/ResetLatch on this process's own latch.
+    wait_on_latch(ms);
+    reset_latch();
+    pgrx::check_for_interrupts!();
+}
+
+fn wait_on_latch(ms: i64) {
+    // SAFETY: this process's own latch.
     unsafe {
         pg_sys::WaitLatch(
             pg_sys::MyLatch,
@@ -33,9 +39,7 @@ pub fn sleep_ms(ms: i64) {
             ms,
             pg_sys::PG_WAIT_EXTENSION,
         );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
     }
-    pgrx::check_for_interrupts!();
 }
 
 /// Clears the process latch (before looking for what a wake-up would announce).
@@ -47,15 +51,7 @@ pub fn reset_latch() {
 /// Waits up to `ms` milliseconds for the process latch, without clearing it first (the caller
 /// did, before looking: a wake-up since then returns at once); then processes interrupts.
 pub fn wait_latch(ms: i64) {
-    // SAFETY: this process's own latch.
-    unsafe {
-        pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            ms,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-    }
+    wait_on_latch(ms);
     pgrx::check_for_interrupts!();
 }
 
