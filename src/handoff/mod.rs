@@ -13,7 +13,6 @@ use crate::pg::error::SqlError;
 use crate::pg::spi::{self, Snap, Stmt};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::fmt::Display;
 
 /// `classid` of the registry and projection locks.
 pub const LOCK_CLASS: u32 = 0x4550_0001;
@@ -206,19 +205,12 @@ pub fn first_crossed<'a>(latest: &'a [(i32, i64, &'a str)]) -> Option<&'a str> {
 }
 
 /// The error of A6 (and of a reader whose snapshot predates a blue-green switch).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "could not serialize access: projection \"{projection}\" was handed off after this transaction's snapshot was taken"
+)]
 pub struct CrossedHandoff {
     pub projection: String,
-}
-
-impl Display for CrossedHandoff {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "could not serialize access: projection \"{}\" was handed off after this transaction's snapshot was taken",
-            self.projection
-        )
-    }
 }
 
 impl SqlError for CrossedHandoff {

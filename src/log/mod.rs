@@ -10,7 +10,6 @@ use crate::pg::types::RawJsonb;
 use crate::registry::{self, Projection};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::fmt::Display;
 
 /// One event to append, as SQL gave it.
 pub struct NewEvent {
@@ -19,27 +18,12 @@ pub struct NewEvent {
     pub metadata: Option<pg_sys::Datum>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    Arg(ArgError),
+    #[error(transparent)]
+    Arg(#[from] ArgError),
+    #[error("wrong expected version for stream \"{stream}\": expected {expected}, actual {actual}")]
     WrongExpectedVersion { stream: String, expected: i64, actual: i64 },
-}
-
-impl From<ArgError> for LogError {
-    fn from(e: ArgError) -> Self {
-        LogError::Arg(e)
-    }
-}
-
-impl Display for LogError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LogError::Arg(e) => e.fmt(f),
-            LogError::WrongExpectedVersion { stream, expected, actual } => {
-                write!(f, "wrong expected version for stream \"{stream}\": expected {expected}, actual {actual}")
-            }
-        }
-    }
 }
 
 impl SqlError for LogError {
@@ -391,16 +375,18 @@ fn metadata_array(events: &[NewEvent]) -> Option<pg_sys::Datum> {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{}", self.describe())]
 pub struct AppendOnly {
     op: &'static str,
 }
 
-impl Display for AppendOnly {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl AppendOnly {
+    /// The message: an INSERT is refused for who wrote it, anything else for what it is.
+    fn describe(&self) -> String {
         match self.op {
-            "INSERT" => write!(f, "ep.events is written only by ep_append and ep_append_events"),
-            op => write!(f, "ep.events is append-only: {op} is not allowed"),
+            "INSERT" => "ep.events is written only by ep_append and ep_append_events".into(),
+            op => format!("ep.events is append-only: {op} is not allowed"),
         }
     }
 }

@@ -71,12 +71,10 @@ pub fn require() -> Catalog {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("extension event_projections is not installed in this database")]
 struct NotInstalled;
-impl std::fmt::Display for NotInstalled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "extension event_projections is not installed in this database")
-    }
-}
+
 impl crate::pg::error::SqlError for NotInstalled {
     fn sqlstate(&self) -> PgSqlErrorCode {
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE

@@ -14,58 +14,34 @@ use crate::sandbox::replay;
 use crate::sandbox::{self, quote_ident};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::fmt::Display;
 
 crate::registry::sql_enum! {
     /// `ep.rebuilds.strategy`.
     Strategy { InPlace = "in_place", BlueGreen = "blue_green" }
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
-    Arg(ArgError),
-    Registry(RegistryError),
-    NoWorker(NoWorker),
+    #[error(transparent)]
+    Arg(#[from] ArgError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    NoWorker(#[from] NoWorker),
+    #[error(
+        "projection \"{projection}\" has no read_model_schema, so a rebuild does not know which tables to rebuild"
+    )]
     NoSchema { projection: String },
+    #[error("rebuild {0} does not exist")]
     UnknownRebuild(i64),
+    #[error(
+        "rebuild {0} was queued or changed by this transaction, so the worker cannot start it before the transaction commits"
+    )]
     QueuedHere(i64),
+    #[error("rebuild {id} did not finish within {waited}")]
     Timeout { id: i64, waited: String },
+    #[error("schema \"{schema}\" already exists, so a blue-green rebuild cannot use that name for its copy")]
     NameTaken { schema: String },
-}
-
-impl From<ArgError> for RebuildError {
-    fn from(e: ArgError) -> Self {
-        RebuildError::Arg(e)
-    }
-}
-impl From<RegistryError> for RebuildError {
-    fn from(e: RegistryError) -> Self {
-        RebuildError::Registry(e)
-    }
-}
-
-impl Display for RebuildError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RebuildError::Arg(e) => e.fmt(f),
-            RebuildError::Registry(e) => e.fmt(f),
-            RebuildError::NoWorker(e) => e.fmt(f),
-            RebuildError::NoSchema { projection } => write!(
-                f,
-                "projection \"{projection}\" has no read_model_schema, so a rebuild does not know which tables to rebuild"
-            ),
-            RebuildError::UnknownRebuild(id) => write!(f, "rebuild {id} does not exist"),
-            RebuildError::QueuedHere(id) => write!(
-                f,
-                "rebuild {id} was queued or changed by this transaction, so the worker cannot start it before the transaction commits"
-            ),
-            RebuildError::Timeout { id, waited } => write!(f, "rebuild {id} did not finish within {waited}"),
-            RebuildError::NameTaken { schema } => write!(
-                f,
-                "schema \"{schema}\" already exists, so a blue-green rebuild cannot use that name for its copy"
-            ),
-        }
-    }
 }
 
 impl SqlError for RebuildError {
@@ -96,12 +72,6 @@ impl SqlError for RebuildError {
             )),
             _ => None,
         }
-    }
-}
-
-impl From<NoWorker> for RebuildError {
-    fn from(e: NoWorker) -> Self {
-        RebuildError::NoWorker(e)
     }
 }
 

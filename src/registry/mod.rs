@@ -11,7 +11,6 @@ use crate::sandbox::handler::Handler;
 use crate::sandbox::replay;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::fmt::Display;
 
 /// Declares an enum whose variants stand for the SQL values of a status column, with the mapping
 /// in one place (the CHECK constraints of sql/schema.sql list the same values).
@@ -253,53 +252,32 @@ fn signature(function: pg_sys::Oid) -> Option<(Vec<pg_sys::Oid>, pg_sys::Oid, u8
     })
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    Arg(ArgError),
+    #[error(transparent)]
+    Arg(#[from] ArgError),
+    #[error("projection \"{0}\" already exists")]
     Exists(String),
+    #[error("projection \"{0}\" does not exist")]
     Unknown(String),
+    #[error("function {handler} cannot be a projection handler: {problem}")]
     BadHandler { handler: String, problem: String },
+    #[error("permission denied for function {handler}")]
     NoExecute { handler: String },
+    #[error("schema \"{0}\" does not exist")]
     NoSchema(String),
+    #[error("permission denied for schema {0}")]
     NoSchemaUsage(String),
+    #[error(
+        "a projection's read-model schema must be owned by its owner: schema \"{schema}\" is owned by \"{owner}\""
+    )]
     NotSchemaOwner { schema: String, owner: String },
+    #[error("a projection's code must be its owner's: function {function} is owned by \"{owner}\"")]
     NotFunctionOwner { function: String, owner: String },
+    #[error("permission denied for table ep.events: a projection's owner must be able to read the log")]
     NoLogAccess,
+    #[error("must be the owner of projection \"{projection}\" (or a member of its owner role)")]
     NotOwner { projection: String },
-}
-
-impl From<ArgError> for RegistryError {
-    fn from(e: ArgError) -> Self {
-        RegistryError::Arg(e)
-    }
-}
-
-impl Display for RegistryError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RegistryError::Arg(e) => e.fmt(f),
-            RegistryError::Exists(n) => write!(f, "projection \"{n}\" already exists"),
-            RegistryError::Unknown(n) => write!(f, "projection \"{n}\" does not exist"),
-            RegistryError::BadHandler { handler, problem } => {
-                write!(f, "function {handler} cannot be a projection handler: {problem}")
-            }
-            RegistryError::NoExecute { handler } => write!(f, "permission denied for function {handler}"),
-            RegistryError::NoSchema(s) => write!(f, "schema \"{s}\" does not exist"),
-            RegistryError::NoSchemaUsage(s) => write!(f, "permission denied for schema {s}"),
-            RegistryError::NotSchemaOwner { schema, owner } => write!(
-                f,
-                "a projection's read-model schema must be owned by its owner: schema \"{schema}\" is owned by \"{owner}\""
-            ),
-            RegistryError::NoLogAccess => write!(f, "permission denied for table ep.events: a projection's owner must be able to read the log"),
-            RegistryError::NotFunctionOwner { function, owner } => write!(
-                f,
-                "a projection's code must be its owner's: function {function} is owned by \"{owner}\""
-            ),
-            RegistryError::NotOwner { projection } => {
-                write!(f, "must be the owner of projection \"{projection}\" (or a member of its owner role)")
-            }
-        }
-    }
 }
 
 impl SqlError for RegistryError {

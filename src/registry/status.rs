@@ -7,35 +7,20 @@ use crate::pg::spi::{self, Snap, Stmt};
 use crate::registry::{self, ProjectionMode, RegistryError, Status};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::fmt::Display;
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum StatusError {
-    Arg(ArgError),
+    #[error(transparent)]
+    Arg(#[from] ArgError),
+    #[error(transparent)]
     Registry(RegistryError),
+    #[error("projection \"{projection}\" is not ready: it is {}{}", .status.as_str(), in_parentheses(.progress))]
     NotReady { projection: String, status: Status, progress: Option<String> },
 }
 
-impl From<ArgError> for StatusError {
-    fn from(e: ArgError) -> Self {
-        StatusError::Arg(e)
-    }
-}
-
-impl Display for StatusError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StatusError::Arg(e) => e.fmt(f),
-            StatusError::Registry(e) => e.fmt(f),
-            StatusError::NotReady { projection, status, progress } => {
-                write!(f, "projection \"{projection}\" is not ready: it is {}", status.as_str())?;
-                if let Some(p) = progress {
-                    write!(f, " ({p})")?;
-                }
-                Ok(())
-            }
-        }
-    }
+/// ` (progress)`, or nothing without one.
+fn in_parentheses(progress: &Option<String>) -> String {
+    progress.as_ref().map(|p| format!(" ({p})")).unwrap_or_default()
 }
 
 impl SqlError for StatusError {

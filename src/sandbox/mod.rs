@@ -16,7 +16,6 @@ use crate::pg::error::SqlError;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::CString;
-use std::fmt::Display;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// Runs `f` as `role` with `search_path`, leaving the session exactly as it was:
@@ -313,36 +312,22 @@ pub fn handler_path(schema: Option<&str>, registered_path: &str) -> String {
 // The checks at the time of the call
 
 /// Why user code may not run now.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     /// The function was dropped (only possible through a path the drop guard does not see).
+    #[error("the {what} of projection \"{projection}\" does not exist any more")]
     NoFunction { what: String, projection: String },
     /// The function lives in a temporary schema.
+    #[error("function {function} of projection \"{projection}\" is temporary and cannot run")]
     Temporary { function: String, projection: String },
     /// The owner lost EXECUTE on the function.
+    #[error(
+        "permission denied for function {function}: role \"{owner}\", the owner of projection \"{projection}\", may not execute it"
+    )]
     NoExecute { function: String, owner: String, projection: String },
     /// The owner role no longer exists.
+    #[error("the owner role of projection \"{projection}\" does not exist any more")]
     NoOwner { projection: String },
-}
-
-impl Display for SandboxError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SandboxError::NoFunction { what, projection } => {
-                write!(f, "the {what} of projection \"{projection}\" does not exist any more")
-            }
-            SandboxError::Temporary { function, projection } => {
-                write!(f, "function {function} of projection \"{projection}\" is temporary and cannot run")
-            }
-            SandboxError::NoExecute { function, owner, projection } => write!(
-                f,
-                "permission denied for function {function}: role \"{owner}\", the owner of projection \"{projection}\", may not execute it"
-            ),
-            SandboxError::NoOwner { projection } => {
-                write!(f, "the owner role of projection \"{projection}\" does not exist any more")
-            }
-        }
-    }
 }
 
 impl SqlError for SandboxError {

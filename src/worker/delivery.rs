@@ -15,7 +15,6 @@ use crate::sandbox::handler::Handler;
 use crate::sandbox::replay::{self, Filter};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::fmt::Display;
 
 /// What the delivery of one async projection needs beyond its registry row.
 struct State {
@@ -287,36 +286,16 @@ pub fn record_failure(cat: &Catalog, p: &Projection, error: &str, position: i64,
     inflight::bump_epoch_at_commit();
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
-    Arg(ArgError),
-    Registry(RegistryError),
+    #[error(transparent)]
+    Arg(#[from] ArgError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("projection \"{0}\" is not an async projection")]
     NotAsync(String),
+    #[error("event {position} is not the event projection \"{projection}\" is failing on")]
     NotFailing { projection: String, position: i64 },
-}
-
-impl From<ArgError> for DeliveryError {
-    fn from(e: ArgError) -> Self {
-        DeliveryError::Arg(e)
-    }
-}
-impl From<RegistryError> for DeliveryError {
-    fn from(e: RegistryError) -> Self {
-        DeliveryError::Registry(e)
-    }
-}
-
-impl Display for DeliveryError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DeliveryError::Arg(e) => e.fmt(f),
-            DeliveryError::Registry(e) => e.fmt(f),
-            DeliveryError::NotAsync(n) => write!(f, "projection \"{n}\" is not an async projection"),
-            DeliveryError::NotFailing { projection, position } => {
-                write!(f, "event {position} is not the event projection \"{projection}\" is failing on")
-            }
-        }
-    }
 }
 
 impl SqlError for DeliveryError {
