@@ -294,7 +294,7 @@ fn handlers_run_as_the_projection_owner_with_its_schema_first() {
     run("RESET ROLE");
     assert_eq!(one::<String>("SELECT who::text FROM o.seen"), Some("ep_owner_t".into()));
     let path = one::<String>("SELECT path FROM o.seen").unwrap_or_default();
-    assert!(path.starts_with("o,") && path.ends_with(", pg_temp"), "{path}");
+    assert!(path.starts_with("\"o\",") && path.ends_with(", \"pg_temp\""), "{path}");
     // The writer's own role and search_path are back after the call.
     assert_eq!(one::<String>("SELECT current_user::text"), Some("postgres".into()));
 }
@@ -401,5 +401,5 @@ fn handler_search_paths_end_with_pg_temp() {
     run("SELECT ep_register_projection('m', 'm.count(ep.events)', 'inline', NULL, 'm')");
     run("RESET search_path");
     let p = crate::registry::by_name("m").expect("registered");
-    assert_eq!(p.live_handler().search_path, "m, public, \"$user\", pg_temp");
+    assert_eq!(p.live_handler().search_path, "\"m\", \"public\", \"$user\", \"pg_temp\"");
 }

@@ -10,10 +10,11 @@ use crate::pg::error::{required, required_text, ArgError, SqlError};
 use crate::pg::settings;
 use crate::pg::spi::{self, Snap, Stmt};
 use crate::registry::{self, Projection, ProjectionMode, RegistryError, Status};
+use crate::sandbox;
 use crate::sandbox::replay;
-use crate::sandbox::{self, quote_ident};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::spi::{quote_identifier, quote_qualified_identifier};
 
 crate::registry::sql_enum! {
     /// `ep.rebuilds.strategy`.
@@ -402,7 +403,7 @@ fn exec_priv(cat: &Catalog, stmt: &Stmt, args: &[Option<pg_sys::Datum>]) -> Opti
 }
 
 /// Runs one utility or DDL statement built at run time (every name in it quoted by
-/// `quote_ident` or `format('%I')`), as the role that is current. Refuses text that parses into
+/// `quote_identifier` or `format('%I')`), as the role that is current. Refuses text that parses into
 /// more than one statement: whatever a name holds, it cannot add one.
 fn ddl(sql: &str) {
     let Ok(c) = std::ffi::CString::new(sql) else { error!("event_projections: a statement with a NUL byte") };
@@ -529,7 +530,7 @@ fn tables_of(schema: &str, owner: pg_sys::Oid) -> Vec<Table> {
 
 /// `schema.table`, quoted.
 fn qualified(schema: &str, table: &str) -> String {
-    format!("{}.{}", quote_ident(schema), quote_ident(table))
+    quote_qualified_identifier(schema, table)
 }
 
 /// Empties the tables of the projection's read-model schema, as the projection's owner (emptying
@@ -602,7 +603,7 @@ pub fn create_build_copy(cat: &Catalog, p: &Projection, r: &Rebuild) {
     // Creating a schema needs CREATE on the database, which the owner may lack: the extension
     // creates it for the owner. Everything inside is created, and granted, as the owner.
     catalog::privileged(cat, || {
-        ddl(&format!("CREATE SCHEMA {} AUTHORIZATION {}", quote_ident(&build), quote_ident(&owner)))
+        ddl(&format!("CREATE SCHEMA {} AUTHORIZATION {}", quote_identifier(&build), quote_identifier(&owner)))
     });
     sandbox::run_as(p.owner, catalog::PINNED_PATH, || copy_grants_schema(&live, &build));
     match r.setup {
@@ -684,7 +685,7 @@ fn copy_grants_schema(from: &str, to: &str) {
          FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a \
          WHERE n.oid OPERATOR(pg_catalog.=) $1 AND a.grantee OPERATOR(pg_catalog.<>) n.nspowner",
         namespace_oid(from),
-        &format!("SCHEMA {}", quote_ident(to)),
+        &format!("SCHEMA {}", quote_identifier(to)),
     );
 }
 
@@ -790,8 +791,8 @@ pub fn switch_schemas(cat: &Catalog, p: &Projection, r: &Rebuild) -> String {
         if !tables.is_empty() {
             ddl(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", tables.join(", ")));
         }
-        ddl(&format!("ALTER SCHEMA {} RENAME TO {}", quote_ident(&live), quote_ident(&prev)));
-        ddl(&format!("ALTER SCHEMA {} RENAME TO {}", quote_ident(&build), quote_ident(&live)));
+        ddl(&format!("ALTER SCHEMA {} RENAME TO {}", quote_identifier(&live), quote_identifier(&prev)));
+        ddl(&format!("ALTER SCHEMA {} RENAME TO {}", quote_identifier(&build), quote_identifier(&live)));
     });
     // The copy replaces the relations; the owner's routines (the handler often lives here) stay
     // in the live schema, so dropping the previous copy never drops them. Moved as the owner.
@@ -841,7 +842,7 @@ pub fn finish_unsuccessfully(
                 let nsp = namespace_oid(b);
                 if nsp != pg_sys::Oid::INVALID && registry::check_schema_owner(nsp, b, p.owner).is_ok() {
                     sandbox::run_as(p.owner, catalog::PINNED_PATH, || {
-                        ddl(&format!("DROP SCHEMA {} CASCADE", quote_ident(b)))
+                        ddl(&format!("DROP SCHEMA {} CASCADE", quote_identifier(b)))
                     });
                 }
             }

@@ -314,7 +314,7 @@ impl SqlError for RegistryError {
             RegistryError::BadHandler { .. } => Some(
                 "A handler is a VOLATILE function (ep.events) RETURNS void, or (ep.events[]) RETURNS void to receive batches.".into(),
             ),
-            RegistryError::NoSchema(s) => Some(format!("CREATE SCHEMA {} and its read-model tables first.", crate::sandbox::quote_ident(s))),
+            RegistryError::NoSchema(s) => Some(format!("CREATE SCHEMA {} and its read-model tables first.", pgrx::spi::quote_identifier(s))),
             _ => None,
         }
     }

@@ -106,176 +106,11 @@ pub fn split_path(path: &str) -> Option<Vec<String>> {
     }
 }
 
-/// Quotes an identifier the way `quote_ident` does (always safe to splice as one identifier).
-pub fn quote_ident(s: &str) -> String {
-    let plain = !s.is_empty()
-        && s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !is_keyword(s);
-    if plain {
-        s.to_string()
-    } else {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    }
-}
-
-/// Whether `s` is an SQL keyword that `quote_ident` would quote (the reserved and type-name ones;
-/// quoting a word needlessly is harmless, so the list errs on the side of quoting).
-fn is_keyword(s: &str) -> bool {
-    const WORDS: &[&str] = &[
-        "all",
-        "analyse",
-        "analyze",
-        "and",
-        "any",
-        "array",
-        "as",
-        "asc",
-        "asymmetric",
-        "authorization",
-        "between",
-        "bigint",
-        "binary",
-        "bit",
-        "boolean",
-        "both",
-        "case",
-        "cast",
-        "char",
-        "character",
-        "check",
-        "coalesce",
-        "collate",
-        "collation",
-        "column",
-        "concurrently",
-        "constraint",
-        "create",
-        "cross",
-        "current_catalog",
-        "current_date",
-        "current_role",
-        "current_schema",
-        "current_time",
-        "current_timestamp",
-        "current_user",
-        "dec",
-        "decimal",
-        "default",
-        "deferrable",
-        "desc",
-        "distinct",
-        "do",
-        "else",
-        "end",
-        "except",
-        "exists",
-        "extract",
-        "false",
-        "fetch",
-        "float",
-        "for",
-        "foreign",
-        "freeze",
-        "from",
-        "full",
-        "grant",
-        "greatest",
-        "group",
-        "grouping",
-        "having",
-        "ilike",
-        "in",
-        "initially",
-        "inner",
-        "inout",
-        "int",
-        "integer",
-        "intersect",
-        "interval",
-        "into",
-        "is",
-        "isnull",
-        "join",
-        "lateral",
-        "leading",
-        "least",
-        "left",
-        "like",
-        "limit",
-        "localtime",
-        "localtimestamp",
-        "national",
-        "natural",
-        "nchar",
-        "none",
-        "normalize",
-        "not",
-        "notnull",
-        "null",
-        "nullif",
-        "numeric",
-        "offset",
-        "on",
-        "only",
-        "or",
-        "order",
-        "out",
-        "outer",
-        "overlaps",
-        "overlay",
-        "placing",
-        "position",
-        "precision",
-        "primary",
-        "real",
-        "references",
-        "returning",
-        "right",
-        "row",
-        "select",
-        "session_user",
-        "setof",
-        "similar",
-        "smallint",
-        "some",
-        "substring",
-        "symmetric",
-        "table",
-        "tablesample",
-        "then",
-        "time",
-        "timestamp",
-        "to",
-        "trailing",
-        "treat",
-        "trim",
-        "true",
-        "union",
-        "unique",
-        "user",
-        "using",
-        "values",
-        "varchar",
-        "variadic",
-        "verbose",
-        "when",
-        "where",
-        "window",
-        "with",
-        "xmlattributes",
-        "xmlconcat",
-        "xmlelement",
-        "xmlexists",
-        "xmlforest",
-        "xmlnamespaces",
-        "xmlparse",
-        "xmlpi",
-        "xmlroot",
-        "xmlserialize",
-        "xmltable",
-    ];
-    WORDS.contains(&s)
+/// One search_path element that PostgreSQL reads back as exactly `name`: always double-quoted,
+/// with `"` doubled. A quoted element is never folded or taken for a keyword, so no keyword list
+/// is needed (PostgreSQL compares `$user` and `pg_temp` after removing the quotes).
+fn quote_path_item(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Whether a search_path element names the temporary schema (`pg_temp`, or `pg_temp_N`).
@@ -287,24 +122,20 @@ fn is_temp_schema(item: &str) -> bool {
 /// The search_path a handler (or setup function) runs with: the read-model schema `schema` first,
 /// then the elements of the path recorded at registration, then `pg_temp` last, wherever the
 /// recorded path had it (so that no role that can append, and so owns temporary tables in its
-/// session, can shadow a read-model table). Elements are quoted, so the result is one value
-/// PostgreSQL parses back into exactly these schemas.
+/// session, can shadow a read-model table). Every element is double-quoted (`quote_path_item`),
+/// so the result is one value PostgreSQL parses back into exactly these schemas.
 pub fn handler_path(schema: Option<&str>, registered_path: &str) -> String {
     let mut items: Vec<String> = Vec::new();
     if let Some(s) = schema {
-        items.push(quote_ident(s));
+        items.push(quote_path_item(s));
     }
     for item in split_path(registered_path).unwrap_or_default() {
         if is_temp_schema(&item) || item.is_empty() {
             continue;
         }
-        if item == "$user" {
-            items.push("\"$user\"".into());
-        } else {
-            items.push(quote_ident(&item));
-        }
+        items.push(quote_path_item(&item));
     }
-    items.push("pg_temp".into());
+    items.push(quote_path_item("pg_temp"));
     items.join(", ")
 }
 
@@ -349,7 +180,7 @@ impl SqlError for SandboxError {
         Some(match self {
             SandboxError::NoExecute { function, owner, .. } => format!(
                 "GRANT EXECUTE ON FUNCTION {function} TO {}, or SELECT ep_unregister_projection('{}').",
-                quote_ident(owner),
+                pgrx::spi::quote_identifier(owner),
                 projection.replace('\'', "''")
             ),
             _ => {
@@ -517,11 +348,11 @@ mod tests {
 
     #[test]
     fn paths_put_pg_temp_last() {
-        assert_eq!(handler_path(Some("bal"), "\"$user\", public"), "bal, \"$user\", public, pg_temp");
-        assert_eq!(handler_path(Some("Bal"), "pg_temp, public"), "\"Bal\", public, pg_temp");
-        assert_eq!(handler_path(None, "pg_temp_3,x"), "x, pg_temp");
-        assert_eq!(handler_path(Some("a\"b"), ""), "\"a\"\"b\", pg_temp");
-        assert_eq!(handler_path(Some("select"), "public"), "\"select\", public, pg_temp");
+        assert_eq!(handler_path(Some("bal"), "\"$user\", public"), "\"bal\", \"$user\", \"public\", \"pg_temp\"");
+        assert_eq!(handler_path(Some("Bal"), "pg_temp, public"), "\"Bal\", \"public\", \"pg_temp\"");
+        assert_eq!(handler_path(None, "pg_temp_3,x"), "\"x\", \"pg_temp\"");
+        assert_eq!(handler_path(Some("a\"b"), ""), "\"a\"\"b\", \"pg_temp\"");
+        assert_eq!(handler_path(Some("select"), "public"), "\"select\", \"public\", \"pg_temp\"");
     }
 
     fn ident() -> impl Strategy<Value = String> {
@@ -531,27 +362,45 @@ mod tests {
             "[a-zA-Zäöü\"',.; ]{1,12}",
             Just("pg_temp".to_string()),
             Just("pg_temp_7".to_string()),
+            Just("$user".to_string()),
+            Just("select".to_string()),
         ]
     }
 
+    /// A registered path element as a user may have written it: bare when PostgreSQL would read
+    /// the bare word back as the name (keywords included: search_path does not parse them),
+    /// double-quoted otherwise.
+    fn as_written(name: &str) -> String {
+        let bare = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_' || c == '$')
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$');
+        if bare {
+            name.to_string()
+        } else {
+            quote_path_item(name)
+        }
+    }
+
     proptest! {
-        /// Whatever the names: the path parses back into the schema, the registered elements
-        /// other than pg_temp in order, and pg_temp, last and once.
+        /// Whatever the names, and however the registered path wrote them: the path parses back
+        /// into the schema, the registered elements other than pg_temp in order, and pg_temp, last
+        /// and once; and every element of it is quoted.
         #[test]
         fn handler_path_round_trips(schema in proptest::option::of(ident()), items in proptest::collection::vec(ident(), 0..5)) {
-            let registered = items.iter().map(|i| quote_ident(i)).collect::<Vec<_>>().join(", ");
+            let registered = items.iter().map(|i| as_written(i)).collect::<Vec<_>>().join(", ");
             let path = handler_path(schema.as_deref(), &registered);
             let parsed = split_path(&path).expect("the path parses");
             let mut expected: Vec<String> = schema.iter().cloned().collect();
             expected.extend(items.iter().filter(|i| !is_temp_schema(i) && !i.is_empty()).cloned());
             expected.push("pg_temp".into());
+            let quoted: Vec<String> = expected.iter().map(|e| quote_path_item(e)).collect();
+            prop_assert_eq!(&path, &quoted.join(", "));
             prop_assert_eq!(parsed, expected);
         }
 
-        /// quote_ident's output is always one element that parses back to the name.
+        /// A quoted element is always one element that parses back to the name.
         #[test]
         fn quoting_round_trips(name in ident()) {
-            prop_assert_eq!(split_path(&quote_ident(&name)), Some(vec![name]));
+            prop_assert_eq!(split_path(&quote_path_item(&name)), Some(vec![name]));
         }
     }
 }
