@@ -49,69 +49,6 @@ fn ep_unregister_projection(name: Option<&str>) {
     registry::unregister(name).or_raise()
 }
 
-#[pg_schema]
-mod ep {
-    use pgrx::prelude::*;
-
-    /// The guard of ep.events (statement level): see `log::guard`.
-    #[pg_trigger]
-    fn events_guard<'a>(t: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
-        let op = match t.op() {
-            Ok(PgTriggerOperation::Insert) => "INSERT",
-            Ok(PgTriggerOperation::Update) => "UPDATE",
-            Ok(PgTriggerOperation::Delete) => "DELETE",
-            Ok(PgTriggerOperation::Truncate) => "TRUNCATE",
-            Err(_) => "this operation",
-        };
-        crate::log::guard(op);
-        Ok(None)
-    }
-
-    /// Any change of ep.projections that matters to appends moves the registry epoch at commit
-    /// (`registry::view_for_appends` relies on it, whoever makes the change).
-    #[pg_trigger]
-    fn projections_changed<'a>(
-        _t: &'a PgTrigger<'a>,
-    ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
-        crate::handoff::inflight::bump_epoch_at_commit();
-        Ok(None)
-    }
-
-    extension_sql!(
-        r#"
-CREATE TRIGGER projections_changed AFTER INSERT OR DELETE ON ep.projections
-    FOR EACH ROW EXECUTE FUNCTION ep.projections_changed();
-CREATE TRIGGER projections_truncated AFTER TRUNCATE ON ep.projections
-    FOR EACH STATEMENT EXECUTE FUNCTION ep.projections_changed();
--- Appends notify the subscriptions of their types: the subscription list is part of the view.
-CREATE TRIGGER subscriptions_changed AFTER INSERT OR UPDATE OR DELETE ON ep.subscriptions
-    FOR EACH ROW EXECUTE FUNCTION ep.projections_changed();
-CREATE TRIGGER subscriptions_truncated AFTER TRUNCATE ON ep.subscriptions
-    FOR EACH STATEMENT EXECUTE FUNCTION ep.projections_changed();
--- Async delivery updates position and error columns all the time; those do not concern appends.
-CREATE TRIGGER projections_updated AFTER UPDATE ON ep.projections FOR EACH ROW
-    WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.generation IS DISTINCT FROM NEW.generation
-          OR OLD.handler IS DISTINCT FROM NEW.handler OR OLD.batch IS DISTINCT FROM NEW.batch
-          OR OLD.mode IS DISTINCT FROM NEW.mode OR OLD.event_types IS DISTINCT FROM NEW.event_types
-          OR OLD.read_model_schema IS DISTINCT FROM NEW.read_model_schema OR OLD.owner IS DISTINCT FROM NEW.owner
-          OR OLD.search_path IS DISTINCT FROM NEW.search_path OR OLD.name IS DISTINCT FROM NEW.name
-          OR OLD.id IS DISTINCT FROM NEW.id)
-    EXECUTE FUNCTION ep.projections_changed();
-"#,
-        name = "projections_triggers",
-        requires = ["schema", projections_changed]
-    );
-
-    extension_sql!(
-        r#"
-CREATE TRIGGER events_guard BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON ep.events
-    FOR EACH STATEMENT EXECUTE FUNCTION ep.events_guard();
-"#,
-        name = "events_guard_trigger",
-        requires = ["schema", events_guard]
-    );
-}
-
 /// Queues a rebuild that the worker runs; returns its id (the id of the one already queued or
 /// running, if any). `new_handler` and `setup` are for 'blue_green'.
 #[pg_extern(volatile, parallel_unsafe)]

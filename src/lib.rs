@@ -35,6 +35,15 @@ mod worker;
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+// The triggers on the catalog's tables, once the tables (schema) and the trigger functions exist.
+// pgrx matches a `requires` path against where the function is defined: the last segment is the
+// function's name, the rest a suffix of its module path (`event_projections::log::ep`), so a path
+// may not start with `crate::` (`cargo pgrx schema` fails on a path that matches nothing).
+extension_sql_file!(
+    "../sql/triggers.sql",
+    name = "triggers",
+    requires = ["schema", log::ep::events_guard, registry::ep::projections_changed]
+);
 extension_sql_file!("../sql/api.sql", name = "api", finalize);
 
 #[allow(non_snake_case)]

@@ -413,6 +413,26 @@ pub fn guard(op: &'static str) {
     raise(&AppendOnly { op });
 }
 
+/// The trigger function of the guard, in schema `ep` (sql/triggers.sql creates the trigger).
+#[pg_schema]
+mod ep {
+    use pgrx::prelude::*;
+
+    /// The guard of ep.events (statement level): see `log::guard`.
+    #[pg_trigger]
+    fn events_guard<'a>(t: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
+        let op = match t.op() {
+            Ok(PgTriggerOperation::Insert) => "INSERT",
+            Ok(PgTriggerOperation::Update) => "UPDATE",
+            Ok(PgTriggerOperation::Delete) => "DELETE",
+            Ok(PgTriggerOperation::Truncate) => "TRUNCATE",
+            Err(_) => "this operation",
+        };
+        super::guard(op);
+        Ok(None)
+    }
+}
+
 /// Whether the statement being executed is a `COPY ep.events ... FROM` sent by the client (not
 /// an INSERT that some trigger runs during a COPY into another table).
 fn restoring() -> bool {

@@ -180,6 +180,24 @@ pub fn view_for_appends(cat: &Catalog) -> (std::rc::Rc<View>, Option<u64>) {
     (view, epoch)
 }
 
+/// The trigger function that keeps the kept view honest, in schema `ep` (sql/triggers.sql
+/// creates its triggers on ep.projections and ep.subscriptions).
+#[pg_schema]
+mod ep {
+    use pgrx::prelude::*;
+
+    /// Any change of ep.projections (or ep.subscriptions) that matters to appends moves the
+    /// registry epoch at commit (`registry::view_for_appends` relies on it, whoever makes the
+    /// change).
+    #[pg_trigger]
+    fn projections_changed<'a>(
+        _t: &'a PgTrigger<'a>,
+    ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, PgHeapTupleError> {
+        crate::handoff::inflight::bump_epoch_at_commit();
+        Ok(None)
+    }
+}
+
 /// Whether an append of `types` concerns inline projection `p` (A3).
 pub fn inline_subscriber(p: &Projection, types: &[&str]) -> bool {
     p.mode == ProjectionMode::Inline && subscribes(p, types)
