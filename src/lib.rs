@@ -64,11 +64,7 @@ pub extern "C-unwind" fn _PG_init() {
 }
 
 #[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
-mod tests {
-    // #[pg_schema] needs the module inline.
-    include!("tests.rs");
-}
+mod pg_tests;
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]
