@@ -1,5 +1,6 @@
 //! Whether a projection's read model may be read now: the fail-fast check a query calls so that an
-//! in-place rebuild's window is designed rather than discovered (DESIGN-NOTES, invariant 4).
+//! in-place rebuild's window is designed rather than discovered (invariant 4 and section 6.4 of
+//! DESIGN.md).
 
 use crate::handoff::{self, CrossedHandoff};
 use crate::pg::error::{required_text, ArgError, SqlError};

@@ -1,7 +1,7 @@
 //! Running a projection handler: the same way on every path (inline, registration build, rebuild,
-//! async worker), which is invariant 6. A handler runs as the projection's owner, with the
-//! projection's read-model schema first on its search_path followed by the search_path recorded at
-//! registration, and receives `ep.events` values (or one `ep.events[]` per batch).
+//! async worker), which is invariant 6 of DESIGN.md. A handler runs as the projection's owner,
+//! with the projection's read-model schema first on its search_path followed by the search_path
+//! recorded at registration, and receives `ep.events` values (or one `ep.events[]` per batch).
 
 use crate::pg::catalog;
 use crate::sandbox;

@@ -116,7 +116,7 @@ pub fn step(cat: &Catalog, p: &Projection) -> Option<Progress> {
 }
 
 // A rebuild replays the whole log, skipped events included: the skips recorded for the projection
-// end with it (README, "Async").
+// end with it (README.md, "Security", on skips).
 static ASYNC_RESET: Stmt = Stmt {
     sql:
         "WITH s AS (DELETE FROM ep.skipped_events WHERE projection = (SELECT name FROM ep.projections WHERE id = $1)) \
