@@ -4,7 +4,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 PGDATA_TEST ?= /var/tmp/event_projections/pgrx-test
 
-.PHONY: setup build install demo test lint soak unit-test connection-test model-check bench clean-cluster
+.PHONY: setup build install demo test lint soak unit-test connection-test model-check bench clean-cluster package package-test
 
 setup:
 	@bash scripts/setup.sh
@@ -48,3 +48,11 @@ bench: install
 
 clean-cluster:
 	@bash scripts/cluster.sh destroy
+
+# A Debian package of the extension in target/package/ (or $$CARGO_TARGET_DIR/package/).
+package: setup
+	@bash scripts/package.sh
+
+# Installs that package into a private copy of PostgreSQL 15 and runs the demo on it.
+package-test: package
+	@bash scripts/package-test.sh
