@@ -44,6 +44,9 @@ start=$(date +%s)
 echo "connection-tests: Rust suite (pgrx-tests), cluster on port $EP_PORT"
 (cd pgrx-tests && cargo test --release --no-fail-fast -- --test-threads="${EP_TEST_THREADS:-4}")
 
+echo "connection-tests: postgres_exporter queries"
+bash scripts/check-exporter.sh
+
 echo "connection-tests: Python example ($PYTHON)"
 "$PYTHON" examples/python/example.py
 

@@ -9,7 +9,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 need_apt=()
 for pkg in postgresql-$PGVER postgresql-server-dev-$PGVER sudo libclang-dev clang pkg-config \
-           libssl-dev bison flex libreadline-dev zlib1g-dev spin python3-psycopg2 python3-psycopg; do
+           libssl-dev bison flex libreadline-dev zlib1g-dev spin python3-psycopg2 python3-psycopg \
+           python3-yaml dpkg-dev; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -23,6 +24,19 @@ fi
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   echo "setup: installing nodejs and npm"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+
+# The real postgres_exporter, to check contrib/postgres_exporter/queries.yaml through it
+# (scripts/check-exporter.sh). Unpacked, not installed: the package would start a service.
+EXPORTER=/var/tmp/event_projections/tools/usr/bin/prometheus-postgres-exporter
+if [ ! -x "$EXPORTER" ]; then
+  echo "setup: unpacking prometheus-postgres-exporter into /var/tmp/event_projections/tools"
+  dl=$(mktemp -d)
+  (cd "$dl" && apt-get download -qq prometheus-postgres-exporter >/dev/null 2>&1) ||
+    { apt-get update -qq && (cd "$dl" && apt-get download -qq prometheus-postgres-exporter >/dev/null); }
+  mkdir -p /var/tmp/event_projections/tools
+  dpkg -x "$dl"/prometheus-postgres-exporter_*.deb /var/tmp/event_projections/tools
+  rm -rf "$dl"
 fi
 
 # The Debian package creates a default cluster we do not use; stop it so it does not hold port 5432.

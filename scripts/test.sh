@@ -23,4 +23,11 @@ echo "== model check (spin)"
 bash model/check.sh
 t3=$(date +%s)
 
-echo "== make test: ok in $((t3 - t0)) s (pgrx test $((t1 - t0)) s incl. setup, connection tests $((t2 - t1)) s, model $((t3 - t2)) s)"
+# The Debian package, from a debug build, installed into a copy of PostgreSQL with the demo run
+# on it (`make package` builds the release package).
+echo "== package"
+EP_PACKAGE_DEBUG=1 bash scripts/package.sh
+bash scripts/package-test.sh
+t4=$(date +%s)
+
+echo "== make test: ok in $((t4 - t0)) s (pgrx test $((t1 - t0)) s incl. setup, connection tests $((t2 - t1)) s, model $((t3 - t2)) s, package $((t4 - t3)) s)"

@@ -176,6 +176,13 @@ BEGIN
 END $$;
 CREATE EVENT TRIGGER ep_guard_dependencies ON sql_drop EXECUTE FUNCTION ep.guard_dependencies();
 
+-- The launcher and worker processes of the whole cluster (shared memory), one row per busy slot.
+CREATE VIEW ep.workers AS
+SELECT w.slot, w.pid, w.database, w.doing, w.projection_id, w.projection, w.since, w.started
+  FROM ep.worker_processes() w;
+COMMENT ON VIEW ep.workers IS
+  'One row per event_projections worker process of any database: its slot, pid, the database it serves, what it does now (starting, idle, rebuilding, delivering, yielding), the projection (named for this database), since when, and when it started.';
+
 -- After CREATE EXTENSION, PUBLIC may do nothing with the log or the registry: no EXECUTE on any
 -- of the extension's functions (PostgreSQL grants it to PUBLIC by default), no privilege on its
 -- tables or its schema. README.md, "Security", lists the GRANTs for writers, readers, projection
@@ -192,3 +199,6 @@ BEGIN
         EXECUTE pg_catalog.format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', f);
     END LOOP;
 END $$;
+
+-- A new database with the extension: the launcher starts serving it without a restart.
+SELECT ep.request_launcher_probe();

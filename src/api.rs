@@ -189,3 +189,47 @@ fn events(datums: Vec<pg_sys::Datum>) -> SetOfIterator<'static, pgrx::composite_
     // SAFETY: every datum is an `ep.events` row value copied into this function's memory context.
     SetOfIterator::new(datums.into_iter().map(|d| unsafe { PgHeapTuple::from_composite_datum(d) }))
 }
+
+// ------------------------------------------------------------------------------------------------
+// Monitoring
+
+/// The whole state of this database's event store in one document (README, "Monitoring").
+#[pg_extern(volatile, parallel_restricted)]
+fn ep_status() -> pgrx::JsonB {
+    let status = crate::monitor::status();
+    match serde_json::to_value(status) {
+        Ok(v) => pgrx::JsonB(v),
+        Err(e) => error!("event_projections: could not build the status document: {e}"),
+    }
+}
+
+/// The worker processes of every database (the `ep.workers` view).
+// pgrx reads the column names from the signature itself, so the type cannot be an alias.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_restricted, schema = "ep")]
+fn worker_processes() -> TableIterator<
+    'static,
+    (
+        name!(slot, i32),
+        name!(pid, Option<i32>),
+        name!(database, Option<String>),
+        name!(doing, String),
+        name!(projection_id, Option<i32>),
+        name!(projection, Option<String>),
+        name!(since, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(started, Option<pgrx::datum::TimestampWithTimeZone>),
+    ),
+> {
+    TableIterator::new(
+        crate::monitor::workers().into_iter().map(|w| {
+            (w.slot, w.pid, w.database, w.doing.to_string(), w.projection_id, w.projection, w.since, w.started)
+        }),
+    )
+}
+
+/// Asks the launcher to look again for databases with the extension (run by CREATE EXTENSION and
+/// ALTER EXTENSION ... UPDATE; harmless anywhere else).
+#[pg_extern(volatile, parallel_unsafe, schema = "ep")]
+fn request_launcher_probe() {
+    crate::worker::pool::request_probe();
+}

@@ -25,6 +25,7 @@ use pgrx::prelude::*;
 mod api;
 mod handoff;
 mod log;
+mod monitor;
 mod pg;
 mod rebuild;
 mod registry;
@@ -56,9 +57,10 @@ pub extern "C-unwind" fn _PG_init() {
     unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     // SAFETY: a plain read of a flag PostgreSQL sets while it loads preloaded libraries.
     let preloaded = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
-    pg::settings::define(preloaded);
+    pg::settings::define();
     if preloaded {
         handoff::inflight::install_hooks();
+        worker::pool::init();
         worker::register();
     }
 }

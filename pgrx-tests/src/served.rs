@@ -42,6 +42,16 @@ impl Served {
                 "ALTER SYSTEM RESET event_projections.retry_backoff",
             ],
         );
+        // The launcher starts the workers again once it sees the new extension.
+        let serving = wait_until(Duration::from_secs(20), || {
+            Ok(c.query_one(
+                "SELECT count(*) >= current_setting('event_projections.max_workers')::bigint FROM ep.workers
+                  WHERE database = current_database() AND doing NOT IN ('starting', 'yielding')",
+                &[],
+            )?
+            .get::<_, bool>(0))
+        });
+        assert!(serving.unwrap_or(false), "the workers did not come back after CREATE EXTENSION");
         (Served { _turn: turn }, c)
     }
 
@@ -189,4 +199,56 @@ pub fn reconnect() -> Client {
         assert!(std::time::Instant::now() < deadline, "the server did not come back");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// While it lives, the workers serve every database of the cluster (`event_projections.database`
+/// = '', the default outside the test clusters), `max_workers` of them; dropping it restores the
+/// test cluster's settings (only the served database, the configured number of workers), even
+/// when the test fails.
+/// Tests that change these settings take turns.
+pub struct AllDatabases {
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+static ALL_DATABASES: Mutex<()> = Mutex::new(());
+
+impl AllDatabases {
+    pub fn on(max_workers: i32) -> AllDatabases {
+        let guard = AllDatabases { _turn: ALL_DATABASES.lock().unwrap_or_else(|p| p.into_inner()) };
+        settings(
+            &mut connect("postgres"),
+            &[
+                "ALTER SYSTEM SET event_projections.database = ''",
+                &format!("ALTER SYSTEM SET event_projections.max_workers = {max_workers}"),
+            ],
+        );
+        guard
+    }
+}
+
+impl Drop for AllDatabases {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(&conninfo("postgres"), postgres::NoTls) {
+            for sql in [
+                "ALTER SYSTEM RESET event_projections.database",
+                "ALTER SYSTEM RESET event_projections.max_workers",
+                "SELECT pg_reload_conf()",
+            ] {
+                let _ = c.batch_execute(sql);
+            }
+        }
+    }
+}
+
+/// Waits until `n` workers serve database `db` (as `ep.workers`, read from `c`, shows).
+pub fn wait_for_workers(c: &mut Client, db: &str, n: i64, timeout: Duration) -> bool {
+    wait_until(timeout, || {
+        Ok(c.query_one(
+            "SELECT count(*) FROM ep.workers WHERE database = $1 AND doing NOT IN ('starting', 'yielding')",
+            &[&db],
+        )?
+        .get::<_, i64>(0)
+            >= n)
+    })
+    .unwrap_or(false)
 }

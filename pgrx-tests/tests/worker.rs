@@ -427,8 +427,9 @@ fn async_projections_equal_a_replay_after_concurrent_writers() {
 #[test]
 fn async_projections_progress_concurrently_one_owner_each() {
     let (served, mut c) = Served::fresh();
-    let workers: i64 = c.query_one("SELECT current_setting('event_projections.workers')::bigint", &[]).unwrap().get(0);
-    assert!(workers >= 2, "this test needs event_projections.workers >= 2 (is {workers})");
+    let workers: i64 =
+        c.query_one("SELECT current_setting('event_projections.max_workers')::bigint", &[]).unwrap().get(0);
+    assert!(workers >= 2, "this test needs event_projections.max_workers >= 2 (is {workers})");
     create_gated_counts(&mut c, "w_stuck", 9004);
     register(&mut c, "stuck", "w_stuck.gated(ep.events)", "async", "w_stuck");
     create_async_counts(&mut c, "free", "w_free");

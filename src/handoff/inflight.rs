@@ -11,7 +11,7 @@
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 /// A slot's `min_position` while its backend is between "about to take positions" and "knows the
 /// smallest one it took". A reader that sees it must not advance.
@@ -26,6 +26,8 @@ struct Slot {
     min_position: AtomicU64,
     /// The database whose appends this backend waits for in `ep_poll` (0: not waiting).
     waiting_for: AtomicU32,
+    /// When the transaction holding `min_position` began (TimestampTz), for `ep_status`.
+    since: AtomicI64,
 }
 
 #[repr(C)]
@@ -37,8 +39,11 @@ struct WorkerSlot {
     /// workers (a wake-up is a signal, and appends without async projections should not pay it).
     wants_wakeups: AtomicU32,
     /// 1 + the id of the projection whose user code this worker ran past the handler timeout and
-    /// grace, noted just before the process ended; read back by the restarted worker.
+    /// grace, noted just before the process ended; read back by the next worker of the same
+    /// database in this slot.
     timed_out: AtomicU32,
+    /// The database of `timed_out`.
+    timed_out_database: AtomicU32,
 }
 
 #[repr(C)]
@@ -205,6 +210,8 @@ pub fn begin_allocation() {
     let Some(slot) = my_slot() else { return };
     if slot.min_position.load(Ordering::SeqCst) == 0 {
         slot.database.store(my_database(), Ordering::SeqCst);
+        // SAFETY: reads the start time of this backend's open transaction.
+        slot.since.store(unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }, Ordering::SeqCst);
         slot.min_position.store(PENDING, Ordering::SeqCst);
     }
 }
@@ -300,6 +307,20 @@ pub fn in_flight() -> Vec<(i32, i64)> {
         .collect()
 }
 
+/// Of the positions in flight in this database, the smallest, with the start of the transaction
+/// holding it (TimestampTz); None when none is.
+pub fn oldest_in_flight() -> Option<(i64, i64)> {
+    let db = my_database();
+    slots()
+        .iter()
+        .filter_map(|s| {
+            let min = s.min_position.load(Ordering::SeqCst);
+            let mine = min != 0 && min != PENDING && s.database.load(Ordering::SeqCst) == db;
+            mine.then(|| (min as i64, s.since.load(Ordering::SeqCst)))
+        })
+        .min()
+}
+
 /// Registers this backend as waiting for appends of its database (`ep_poll` with a `wait`) for the
 /// value's lifetime: every commit that appends sets its latch meanwhile.
 pub struct Waiting(());
@@ -384,16 +405,28 @@ pub fn note_timed_out() {
     let (index, id) = (WORKER_INDEX.load(Ordering::SeqCst), WORKING_ON.load(Ordering::SeqCst));
     if let (Some(sh), Ok(index)) = (shared(), usize::try_from(index)) {
         if index < MAX_WORKERS && id > 0 {
+            sh.workers[index].timed_out_database.store(my_database(), Ordering::SeqCst);
             sh.workers[index].timed_out.store(id as u32 + 1, Ordering::SeqCst);
         }
     }
 }
 
-/// The projection whose user code ended this worker's previous process, if any (and forgets it).
+/// The projection of this database whose user code ended a previous process in this slot, if
+/// any (and forgets it). A note for another database stays for that database's next worker.
 pub fn take_timed_out(index: usize) -> Option<i32> {
-    let sh = shared()?;
-    let v = sh.workers.get(index)?.timed_out.swap(0, Ordering::SeqCst);
+    let w = shared()?.workers.get(index)?;
+    if w.timed_out_database.load(Ordering::SeqCst) != my_database() {
+        return None;
+    }
+    let v = w.timed_out.swap(0, Ordering::SeqCst);
     (v > 0).then(|| (v - 1) as i32)
+}
+
+/// The database a note of `take_timed_out` in slot `index` is for, if there is one (the launcher
+/// gives the slot to that database's next worker).
+pub fn timed_out_database(index: usize) -> Option<u32> {
+    let w = shared()?.workers.get(index)?;
+    (w.timed_out.load(Ordering::SeqCst) != 0).then(|| w.timed_out_database.load(Ordering::SeqCst))
 }
 
 /// Why no worker can run this database's rebuilds and async projections.
@@ -401,7 +434,9 @@ pub fn take_timed_out(index: usize) -> Option<i32> {
 pub enum NoWorker {
     #[error("event_projections is not loaded through shared_preload_libraries, so no worker can run rebuilds or async projections")]
     NotPreloaded,
-    #[error("the event_projections worker serves database \"{served}\", not this one")]
+    #[error(
+        "the event_projections workers serve only database \"{served}\" (event_projections.database), not this one"
+    )]
     OtherDatabase { served: String },
 }
 
@@ -411,8 +446,8 @@ impl SqlError for NoWorker {
     }
     fn hint(&self) -> Option<String> {
         Some(match self {
-            NoWorker::NotPreloaded => "Add shared_preload_libraries = 'event_projections' and event_projections.database = '<this database>' to postgresql.conf and restart the server.".into(),
-            NoWorker::OtherDatabase { .. } => "Set event_projections.database to this database in postgresql.conf and reload (SELECT pg_reload_conf()).".into(),
+            NoWorker::NotPreloaded => "Add shared_preload_libraries = 'event_projections' to postgresql.conf and restart the server.".into(),
+            NoWorker::OtherDatabase { .. } => "Set event_projections.database to '' (every database) or to this database in postgresql.conf and reload (SELECT pg_reload_conf()).".into(),
         })
     }
 }
@@ -423,6 +458,9 @@ pub fn require_worker() -> Result<(), NoWorker> {
         return Err(NoWorker::NotPreloaded);
     }
     let served = settings::database();
+    if served.is_empty() {
+        return Ok(());
+    }
     // SAFETY: the name of this backend's database, palloc'd by get_database_name.
     let here = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }
         .to_string_lossy()
@@ -442,6 +480,14 @@ pub fn register_worker(index: usize) {
             w.database.store(my_database(), Ordering::SeqCst);
             w.procno.store(my_procno() as u32 + 1, Ordering::SeqCst);
         }
+    }
+}
+
+/// A worker process ends: commits stop waking it.
+pub fn unregister_worker(index: usize) {
+    if let Some(w) = shared().and_then(|sh| sh.workers.get(index)) {
+        w.procno.store(0, Ordering::SeqCst);
+        w.wants_wakeups.store(0, Ordering::SeqCst);
     }
 }
 

@@ -3,10 +3,10 @@
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 
-/// Upper bound on `event_projections.workers` (the shared worker slots are sized by it).
+/// Upper bound on `event_projections.max_workers` (the shared worker slots are sized by it).
 pub const MAX_WORKERS: usize = 16;
 
-static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static HANDOFF_LOCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(20);
@@ -15,24 +15,23 @@ static RETRY_BACKOFF: GucSetting<i32> = GucSetting::<i32>::new(100);
 static NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static HANDLER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 
-pub fn define(preloaded: bool) {
+pub fn define() {
     GucRegistry::define_string_guc(
         c"event_projections.database",
-        c"Database served by the event_projections background workers.",
-        c"The workers run rebuilds and async projections of this database only.",
+        c"Only database served by the event_projections background workers; empty: every database.",
+        c"By default the workers run rebuilds and async projections of every database that has the extension.",
         &DATABASE,
         GucContext::Sighup,
         GucFlags::default(),
     );
-    // Only meaningful at server start; defining it as PGC_POSTMASTER after start-up is refused.
     GucRegistry::define_int_guc(
-        c"event_projections.workers",
-        c"Number of event_projections background worker processes.",
-        c"Each projection's rebuild or async delivery is run by one of them at a time.",
+        c"event_projections.max_workers",
+        c"Most event_projections worker processes, over all databases.",
+        c"The launcher shares them fairly among the databases that have the extension; each projection's rebuild or async delivery is run by one of them at a time. max_worker_processes must leave room for these and the launcher.",
         &WORKERS,
         1,
         MAX_WORKERS as i32,
-        if preloaded { GucContext::Postmaster } else { GucContext::Suset },
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -100,9 +99,9 @@ pub fn define(preloaded: bool) {
 }
 
 pub fn database() -> String {
-    DATABASE.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_else(|| "postgres".into())
+    DATABASE.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
 }
-pub fn workers() -> usize {
+pub fn max_workers() -> usize {
     WORKERS.get() as usize
 }
 pub fn batch_size() -> i32 {

@@ -1,12 +1,16 @@
-//! The background worker processes: `event_projections.workers` of them serve the database named by
-//! `event_projections.database`, running rebuild steps and async deliveries. A projection is
-//! worked on by one process at a time: the one holding its session-level ownership lock.
+//! The background processes: the launcher (`launcher`) keeps worker processes running for every
+//! database that has the extension, `event_projections.max_workers` of them in all; each worker
+//! serves one database, running rebuild steps and async deliveries (`delivery`). A projection is
+//! worked on by one process at a time: the one holding its session-level ownership lock. What each
+//! process does now is in the shared pool (`pool`, read by `ep.workers`).
 //!
 //! A worker never holds a lock between steps other than ownership locks (advisory, session level),
-//! so it never blocks `DROP EXTENSION`; it notices the extension appearing, disappearing and being
-//! created again, and idles meanwhile.
+//! so it never blocks `DROP EXTENSION`; it ends when the extension is dropped, and when the
+//! launcher wants its slot for another database.
 
 pub mod delivery;
+pub mod launcher;
+pub mod pool;
 
 use crate::handoff;
 use crate::handoff::inflight;
@@ -15,24 +19,15 @@ use crate::pg::settings;
 use crate::rebuild::{self, Progress};
 use crate::registry::{self, Projection, ProjectionMode};
 use crate::sandbox::replay;
-use pgrx::bgworkers::BackgroundWorkerBuilder;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pool::{Doing, Verdict};
 use std::time::{Duration, Instant};
 
-/// Registers the worker processes (from `_PG_init`, during shared_preload_libraries).
+/// Registers the launcher, which starts the worker processes (from `_PG_init`, during
+/// shared_preload_libraries).
 pub fn register() {
-    for i in 0..settings::workers() {
-        BackgroundWorkerBuilder::new(&format!("event_projections worker {}", i + 1))
-            .set_type("event_projections worker")
-            .set_library("event_projections")
-            .set_function("ep_worker_main")
-            .set_argument((i as i32).into_datum())
-            .enable_spi_access()
-            .set_start_time(pgrx::bgworkers::BgWorkerStartTime::RecoveryFinished)
-            .set_restart_time(Some(Duration::from_secs(5)))
-            .load();
-    }
+    launcher::register();
 }
 
 /// PostgreSQL's own signal handlers, by their C symbols (pgrx wraps the declarations it exports,
@@ -59,11 +54,8 @@ enum Outcome {
     },
 }
 
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
-    // SAFETY: the postmaster passes the Int32 datum set by register().
-    let index = unsafe { i32::from_datum(arg, false) }.unwrap_or(0) as usize;
+/// Installs PostgreSQL's own signal handlers and unblocks signals (launcher and workers).
+fn install_signal_handlers() {
     // SAFETY: installs PostgreSQL's own signal handlers before signals are unblocked, as every
     // background worker does.
     unsafe {
@@ -72,42 +64,70 @@ pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
         pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(signals::die));
         pg_sys::BackgroundWorkerUnblockSignals();
     }
-    let database = settings::database();
-    // A missing database is a FATAL here; the postmaster starts the worker again after 5 s.
-    pgrx::bgworkers::BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    // SAFETY: settings of this worker's session, set once after connecting, with NUL-terminated
-    // names and values.
+}
+
+/// Reads postgresql.conf again after a SIGHUP.
+fn reload_config_if_asked() {
+    // SAFETY: the reload flag set by SignalHandlerForConfigReload, handled as PostgreSQL's own
+    // processes do, between transactions.
     unsafe {
-        // The setting (not only the pg_stat_activity field), so that handlers can tell too.
-        let name = std::ffi::CString::new(format!("event_projections worker {}", index + 1)).expect("no NUL");
+        if pg_sys::ConfigReloadPending != 0 {
+            pg_sys::ConfigReloadPending = 0;
+            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+        }
+    }
+}
+
+/// Sets a setting of this worker's session, once after connecting.
+fn set_session_setting(name: &std::ffi::CStr, value: &std::ffi::CStr) {
+    // SAFETY: NUL-terminated name and value, outside any transaction, in this process's session.
+    unsafe {
         pg_sys::SetConfigOption(
-            c"application_name".as_ptr(),
             name.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-        );
-        pg_sys::pgstat_report_appname(name.as_ptr());
-        // The worker's statements are short and planned once; JIT would only add a compiler's
-        // worth of memory to the process the first time a count over a large log crosses
-        // jit_above_cost (the benchmark saw the worker grow by 10 MiB that way).
-        pg_sys::SetConfigOption(
-            c"jit".as_ptr(),
-            c"off".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-        );
-        // The worker's own SQL resolves names in pg_catalog only (user code runs in the sandbox,
-        // which sets its own path and undoes every setting it changes).
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
+            value.as_ptr(),
             pg_sys::GucContext::PGC_USERSET,
             pg_sys::GucSource::PGC_S_SESSION,
         );
     }
+}
+
+/// A worker process: serves the database the launcher started it for (its oid in `bgw_extra`),
+/// in slot `arg` of the pool, until the launcher asks it to end or the extension is dropped.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
+    // SAFETY: the launcher passes the slot index as an Int32 datum.
+    let index = unsafe { i32::from_datum(arg, false) }.unwrap_or(0) as usize;
+    install_signal_handlers();
+    let Ok(oid) = pgrx::bgworkers::BackgroundWorker::get_extra().parse::<u32>() else {
+        warning!("event_projections worker {}: started without a database", index + 1);
+        return;
+    };
+    // A database dropped meanwhile is a FATAL here; the launcher notices the process ended.
+    pgrx::bgworkers::BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(oid)), None);
+    let name = std::ffi::CString::new(format!("event_projections worker {}", index + 1)).unwrap_or_default();
+    // The setting (not only the pg_stat_activity field), so that handlers can tell too.
+    set_session_setting(c"application_name", &name);
+    // SAFETY: reports this process's application name, NUL-terminated.
+    unsafe { pg_sys::pgstat_report_appname(name.as_ptr()) };
+    // The worker's statements are short and planned once; JIT would only add a compiler's worth
+    // of memory to the process the first time a count over a large log crosses jit_above_cost
+    // (the benchmark saw the worker grow by 10 MiB that way).
+    set_session_setting(c"jit", c"off");
+    // The worker's own SQL resolves names in pg_catalog only (user code runs in the sandbox,
+    // which sets its own path and undoes every setting it changes).
+    set_session_setting(c"search_path", c"pg_catalog, pg_temp");
     crate::sandbox::init_worker_timeouts();
+
+    let installed = in_transaction("event_projections: looking for the extension", || catalog::lookup().is_some());
+    if installed != Ok(true) {
+        pool::set_verdict(index, Verdict::NoExtension);
+        return;
+    }
+    pool::set_verdict(index, Verdict::Serving);
+    let timed_out = inflight::take_timed_out(index);
     inflight::register_worker(index);
-    if let Some(id) = inflight::take_timed_out(index) {
+    if let Some(id) = timed_out {
         let message = format!(
             "its code ran longer than event_projections.handler_timeout ({} ms) and went on after being cancelled, so the worker process was ended",
             settings::handler_timeout_ms()
@@ -116,6 +136,7 @@ pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
             record_failure(id, &message, replay::last_attempted(), true)
         });
     }
+    let database = in_transaction("", current_database).unwrap_or_default();
     log!("event_projections worker {} serving database \"{}\"", index + 1, database);
 
     // SAFETY: a memory context under TopMemoryContext, for the life of the process.
@@ -131,27 +152,34 @@ pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
     let mut round: usize = 0;
     loop {
         pgrx::check_for_interrupts!();
-        // SAFETY: the reload flag set by SignalHandlerForConfigReload, handled as PostgreSQL's own
-        // processes do; the context switch and reset are of this worker's own context, between
+        reload_config_if_asked();
+        // SAFETY: the context switch and reset are of this worker's own context, between
         // transactions (nothing of a transaction lives in it).
         unsafe {
-            if pg_sys::ConfigReloadPending != 0 {
-                pg_sys::ConfigReloadPending = 0;
-                pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
-                if settings::database() != database {
-                    log!("event_projections worker {}: event_projections.database changed; restarting", index + 1);
-                    pg_sys::proc_exit(1);
-                }
-            }
             pg_sys::MemoryContextSwitchTo(worker_cxt);
             pg_sys::MemoryContextReset(worker_cxt);
         }
-        let busy = run_round(index, index + round);
+        if pool::report(index, Doing::Idle, 0) {
+            // The launcher wants the slot for another database; no lock is held between rounds.
+            inflight::unregister_worker(index);
+            return;
+        }
+        let Some(busy) = run_round(index, index + round) else {
+            log!("event_projections worker {}: the extension was dropped from database \"{}\"", index + 1, database);
+            inflight::unregister_worker(index);
+            pool::set_verdict(index, Verdict::NoExtension);
+            return;
+        };
         round = round.wrapping_add(1);
         if !busy {
             rebuild_sleep(settings::naptime_ms() as i64);
         }
     }
+}
+
+fn current_database() -> String {
+    // SAFETY: the name of this backend's database, palloc'd by get_database_name, copied at once.
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }.to_string_lossy().into_owned()
 }
 
 fn rebuild_sleep(ms: i64) {
@@ -226,48 +254,61 @@ fn in_transaction<R>(activity: &str, f: impl FnOnce() -> R) -> Result<R, (PgSqlE
     result
 }
 
-/// The projections that may have work, in a rotating order so workers spread over them.
-fn candidates(rotate: usize) -> Vec<Projection> {
+/// The projections that may have work, in a rotating order so workers spread over them; None
+/// when the extension is not installed (any more).
+fn candidates(rotate: usize) -> Option<Vec<Projection>> {
     let r = in_transaction("event_projections: scanning projections", || {
-        if catalog::lookup().is_none() {
-            return Vec::new();
-        }
+        catalog::lookup()?;
         let open: Vec<i32> = Spi::connect(|c| {
             c.select("SELECT projection_id FROM ep.rebuilds WHERE status IN ('queued', 'running')", None, &[])
                 .map(|t| t.filter_map(|r| r.get::<i32>(1).ok().flatten()).collect())
                 .unwrap_or_default()
         });
-        registry::all().into_iter().filter(|p| p.mode == ProjectionMode::Async || open.contains(&p.id)).collect()
+        Some(
+            registry::all()
+                .into_iter()
+                .filter(|p| p.mode == ProjectionMode::Async || open.contains(&p.id))
+                .collect::<Vec<_>>(),
+        )
     });
-    let mut v = r.unwrap_or_default();
+    // A failed scan (a lock timeout against DDL, say) is no work this round, not a dropped extension.
+    let mut v = match r {
+        Ok(found) => found?,
+        Err(_) => Vec::new(),
+    };
     if !v.is_empty() {
         let k = rotate % v.len();
         v.rotate_left(k);
     }
-    v
+    Some(v)
 }
 
-/// One pass over the projections. True when any step did work.
-fn run_round(index: usize, rotate: usize) -> bool {
+/// One pass over the projections. True when any step did work; None when the extension is gone.
+fn run_round(index: usize, rotate: usize) -> Option<bool> {
     let mut busy = false;
-    let work = candidates(rotate);
+    let work = candidates(rotate)?;
     inflight::want_wakeups(index, !work.is_empty());
     for p in work {
         let owned = in_transaction("event_projections: claiming", || handoff::try_own(p.id as u32)).unwrap_or(false);
         if !owned {
             continue;
         }
-        busy |= work_on(p.id);
+        busy |= work_on(index, p.id, p.mode);
         handoff::disown(p.id as u32);
     }
-    busy
+    Some(busy)
 }
 
 /// Steps of one projection for up to a time slice. True when any did work.
-fn work_on(id: i32) -> bool {
+fn work_on(index: usize, id: i32, mode: ProjectionMode) -> bool {
     let slice = Instant::now();
     let mut busy = false;
+    let doing = match mode {
+        ProjectionMode::Inline => Doing::Rebuilding,
+        ProjectionMode::Async => Doing::Delivering,
+    };
     while slice.elapsed() < Duration::from_millis(200) {
+        pool::report(index, doing, id);
         inflight::working_on(id);
         let outcome = in_transaction("event_projections: step", || step(id));
         inflight::working_on(0);
