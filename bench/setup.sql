@@ -7,6 +7,7 @@
 --   stall     inline, per-event handler, type 'Moved'     (append stall at the rebuild hand-offs)
 --   rb_event  inline, per-event handler, type 'Deposited' (rebuild, per-event)
 --   rb_batch  inline, batch handler,     type 'Deposited' (rebuild, batch; worker memory)
+--   rb_replay inline, per-event handler with a replay handler, type 'Deposited' (rebuild, set-based)
 --   lag       async,  per-event handler, type 'Paid'      (async lag)
 -- Appends of type 'Noted' are subscribed by no projection (append without a projection).
 --
@@ -19,11 +20,13 @@ CREATE SCHEMA bench;
 CREATE SCHEMA live;
 CREATE SCHEMA rb_event;
 CREATE SCHEMA rb_batch;
+CREATE SCHEMA rb_replay;
 CREATE SCHEMA lag;
 CREATE SCHEMA stall;
 CREATE TABLE live.balances     (account int PRIMARY KEY, balance bigint NOT NULL, events bigint NOT NULL);
 CREATE TABLE rb_event.balances (LIKE live.balances INCLUDING ALL);
 CREATE TABLE rb_batch.balances (LIKE live.balances INCLUDING ALL);
+CREATE TABLE rb_replay.balances (LIKE live.balances INCLUDING ALL);
 CREATE TABLE lag.balances      (LIKE live.balances INCLUDING ALL);
 CREATE TABLE stall.balances    (LIKE live.balances INCLUDING ALL);
 -- Async lag: one row per delivered event. Its xmin is the delivery transaction, whose commit
@@ -61,6 +64,26 @@ BEGIN
         FROM unnest(es) AS u
         GROUP BY 1
         ON CONFLICT (account) DO UPDATE SET balance = b.balance + excluded.balance, events = b.events + excluded.events;
+END $$;
+
+-- The replay handler: the set-based baseline's GROUP BY (bl.rebuild_set), over one range of the log,
+-- merged into the model (a rebuild calls it for consecutive ranges). Appends use balance_replay_event.
+CREATE FUNCTION bench.balance_replay(after_position bigint, up_to_position bigint) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO balances AS b (account, balance, events)
+        SELECT (e.data ->> 'account')::int, sum((e.data ->> 'amount')::bigint), count(*)
+        FROM ep.events e
+        WHERE e.global_position > after_position AND e.global_position <= up_to_position
+          AND e.event_type = 'Deposited'
+        GROUP BY 1
+        ON CONFLICT (account) DO UPDATE SET balance = b.balance + excluded.balance, events = b.events + excluded.events;
+END $$;
+
+CREATE FUNCTION bench.balance_replay_event(e ep.events) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO balances AS b (account, balance, events)
+        VALUES ((e.data ->> 'account')::int, (e.data ->> 'amount')::bigint, 1)
+        ON CONFLICT (account) DO UPDATE SET balance = b.balance + excluded.balance, events = b.events + 1;
 END $$;
 
 CREATE FUNCTION bench.balance_lag(e ep.events) RETURNS void LANGUAGE plpgsql AS $$

@@ -96,6 +96,7 @@ def main(outdir):
             ("ep_event", "bl_loop", "rebuild, per-event handler, vs baseline 3 (FOR loop, one transaction)", "≥ 1.5x faster", "speedup"),
             ("ep_event", "bl_loop_commit", "rebuild, per-event handler, vs the same loop committing every 1000 events (reference)", "(info)", "speedup"),
             ("ep_batch", "bl_set", "rebuild, batch handler, vs baseline 4 (INSERT ... SELECT ... GROUP BY)", "within 3x", "slowdown"),
+            ("ep_replay", "bl_set", "rebuild, replay handler (GROUP BY per range), vs baseline 4 (INSERT ... SELECT ... GROUP BY)", "within 1.5x", "slowdown"),
             ("ep_batch", "bl_batches", "rebuild, batch handler, vs the same handler over 1000-event arrays without the extension (reference)", "(info)", "slowdown"),
             ("ep_batch_big", "bl_set", f"rebuild, batch handler, event_projections.batch_size = {meta.get('big_batch', 100000)}, vs baseline 4", "(info)", "slowdown")):
         e, b = med(g, "rebuild", ep, "wall_s"), med(g, "rebuild", bl, "wall_s")

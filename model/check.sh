@@ -49,6 +49,13 @@ checks=(
   "register-rebuild|pass|ep.pml|-DSCEN_REGREB -DNAPP=2 -DCFG1=0,2,1,2"
   "async|pass|ep.pml|-DSCEN_ASYNC"
   "async-crash2|pass|ep.pml|-DSCEN_ASYNC -DBATCH=1 -DMAXCRASH=2"
+  # replay handlers: every replay applies its whole range in one call
+  "replay-inplace|pass|ep.pml|-DSCEN_INPLACE -DREPLAY"
+  "replay-bluegreen|pass|ep.pml|-DSCEN_BG -DREPLAY"
+  "replay-register|pass|ep.pml|-DSCEN_REG -DREPLAY"
+  "replay-register-wide|pass|ep.pml|-DSCEN_REG -DREPLAY -DCFG0=0,1,1,2 -DCFG1=0,1,1,2 -DCFG2=1,2,0,2"
+  "replay-register-rebuild|pass|ep.pml|-DSCEN_REGREB -DREPLAY -DNAPP=2 -DCFG1=0,2,1,2"
+  "replay-async|pass|ep.pml|-DSCEN_ASYNC -DREPLAY"
   "inplace-no-lock-timeout|pass|ep.pml|-DSCEN_INPLACE -DNO_LOCK_TIMEOUT"
   "bluegreen-no-lock-timeout|pass|ep.pml|-DSCEN_BG -DNO_LOCK_TIMEOUT"
   "mixed-lock-order|pass|ep.pml|-DSCEN_INPLACE -DMIXED_LOCK_ORDER"
@@ -70,6 +77,7 @@ checks=(
   "seeds|fail|ep_seeds.pml|"
   "seeds-3|fail|ep_seeds.pml|-DNAPP=3"
   # --- broken variants of our protocol: each must fail
+  "bug-replay-txn-snapshot|fail|ep.pml|-DSCEN_REG -DREPLAY -DBUG_REPLAY_TXN_SNAPSHOT"
   "bug-no-hw-inplace|fail|ep.pml|-DSCEN_INPLACE -DBUG_NO_HW"
   "bug-no-hw-bluegreen|fail|ep.pml|-DSCEN_BG -DBUG_NO_HW"
   "bug-no-hw-async|fail|ep.pml|-DSCEN_ASYNC -DBUG_NO_HW"

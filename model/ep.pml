@@ -34,6 +34,13 @@
  *   BUG_LIST_BEFORE_REGLOCK  A3 (projection list) read before A2 (registry lock)
  *   BUG_RF_OLD_SNAPSHOT      Rf/Bf/G3 read the log with a snapshot taken before their lock was granted
  *   BUG_G2_NO_HW             the registration's G2 replays up to L (last value), ignoring in-flight slots
+ *   REPLAY                   the projection has a replay handler: every replay (G2, R/B batches,
+ *                            async catch-up) applies its whole range [checkpoint, hw] in one call
+ *                            (replay.rs apply_range), reading the log with a snapshot taken when
+ *                            it runs (READ COMMITTED, VOLATILE)
+ *   BUG_REPLAY_TXN_SNAPSHOT  (with REPLAY, SCEN_REG) the registration's replay handler reads with
+ *                            the transaction's snapshot from G1, as it would under REPEATABLE READ
+ *                            (the code replays event by event there instead)
  *   BUG_LOCK_AFTER_INSERT    A7..A9 (stream lock, positions, insert) before A2..A6 (not a bug: passes)
  *   NO_LOCK_TIMEOUT          hand-offs wait for their exclusive lock without lock_timeout
  *   MIXED_LOCK_ORDER         appender 0 takes its stream lock before P SHARED, as a transaction
@@ -134,6 +141,18 @@
 #endif
 #ifndef BATCH
 #define BATCH 2       /* events per replay / delivery transaction */
+#endif
+#ifdef BUG_REPLAY_TXN_SNAPSHOT
+#define G2SNAP txsnap
+#define G3SNAP txsnap
+#else
+#define G2SNAP 0
+#define G3SNAP snap
+#endif
+#ifdef REPLAY
+#define RBATCH MAXPOS /* a replay handler applies its whole range at once */
+#else
+#define RBATCH BATCH
 #endif
 #ifndef REBUILDS
 #define REBUILDS 1    /* rebuilds run one after the other by the worker */
@@ -718,7 +737,7 @@ Rk_choose:
 R_batch:
   highwater(hw, L, i, m);
 H4_R_snapshot:
-  d_step { apply_range(0, checkpoint, hw, BATCH, 0, pend, newcp) }
+  d_step { apply_range(0, checkpoint, hw, RBATCH, 0, pend, newcp) }
   if
   :: crashes < MAXCRASH -> crashes++; pend = 0; newcp = 0; hw = 0; goto restart
   :: true -> skip
@@ -810,7 +829,7 @@ Bk_choose:
 B_batch:
   highwater(hw, L, i, m);
 H4_B_snapshot:
-  d_step { apply_range(1 - live, checkpoint, hw, BATCH, 0, pend, newcp) }
+  d_step { apply_range(1 - live, checkpoint, hw, RBATCH, 0, pend, newcp) }
   if
   :: crashes < MAXCRASH -> crashes++; pend = 0; newcp = 0; hw = 0; goto restart
   :: true -> skip
@@ -862,11 +881,15 @@ proctype registrar()
 {
   byte hw, L, i, m, pend, newcp, snap;
   byte after;                  /* G2's checkpoint: every subscribed event <= after is in pend */
+  byte txsnap;                 /* BUG_REPLAY_TXN_SNAPSHOT: the snapshot of G1 */
   byte rounds;                 /* G2 rounds done */
   bool tried;
 
 G1_insert:
   skip;      /* validate; INSERT the projection row, 'active', generation 1: invisible until commit */
+#ifdef BUG_REPLAY_TXN_SNAPSHOT
+  atomic { snapshot_mask(txsnap) }  /* the transaction's snapshot, which the replay handler would read with */
+#endif
 
 G2_round:
   /* build_for_registration, no lock: compute hw, replay up to it; again while the gap to the head
@@ -889,7 +912,7 @@ G2_replay:
   do
   :: hw > after ->
 H4_G2_snapshot:
-     d_step { apply_range(0, after, hw, BATCH, 0, pend, newcp); after = newcp; newcp = 0 }
+     d_step { apply_range(0, after, hw, RBATCH, G2SNAP, pend, newcp); after = newcp; newcp = 0 }
   :: else -> break
   od;
   hw = 0;
@@ -915,7 +938,7 @@ G3_last_value:
 G3_catchup:
   /* replay::apply(.., after, L, batch, Snap::Latest) until done: every visible subscribed event
    * with after < position <= L (under the lock nothing at or below L commits any more) */
-  d_step { apply_range(0, after, L, MAXPOS, snap, pend, newcp); newcp = 0; snap = 0; L = 0 }
+  d_step { apply_range(0, after, L, MAXPOS, G3SNAP, pend, newcp); newcp = 0; snap = 0; L = 0 }
 G_commit:
   if
   :: d_step { merge(0, pend); status = ST_ACTIVE; status_ver++; reg_x = 0; regdone = 1;
@@ -926,7 +949,7 @@ G_commit:
 
 abort:
   /* rollback: the row and the handler's writes vanish, the lock (held or requested) goes */
-  atomic { pend = 0; after = 0; rounds = 0; hw = 0; snap = 0; reg_x = 0; reg_xq = 0 }
+  atomic { pend = 0; after = 0; rounds = 0; hw = 0; snap = 0; txsnap = 0; reg_x = 0; reg_xq = 0 }
   if
   :: !tried -> tried = 1; goto G1_insert         /* the user retries */
   :: regdone = 1                                 /* gives up */
@@ -952,7 +975,7 @@ D1_highwater:
   :: hw > apos -> skip
   fi;
 D2_batch:
-  d_step { apply_range(0, apos, hw, BATCH, 0, pend, newcp) }
+  d_step { apply_range(0, apos, hw, RBATCH, 0, pend, newcp) }
   if
   :: crashes < MAXCRASH -> crashes++; pend = 0; newcp = 0; hw = 0; goto D1_highwater
   :: true -> skip

@@ -63,7 +63,8 @@ SELECT p.name,
        p.failing_position,
        p.last_error,
        p.last_error_at,
-       p.last_applied_at
+       p.last_applied_at,
+       p.replay_handler
 FROM ep.projections p
 CROSS JOIN (SELECT max(global_position) AS position FROM ep.events) head
 LEFT JOIN LATERAL (
@@ -140,7 +141,7 @@ END $$;
 COMMENT ON PROCEDURE ep_rebuild_await(bigint, interval, text) IS
   'Like ep_rebuild_wait, but commits between polls, so that its snapshot never outlives one 50 ms poll (CALL it outside a transaction block).';
 
--- A registered handler, a setup or new handler of an open rebuild, and a read-model schema cannot
+-- A registered handler or replay handler, a setup or new handler of an open rebuild, and a read-model schema cannot
 -- be dropped from under their projection: the DROP fails (2BP01) and says what to unregister.
 -- SECURITY DEFINER so that any role's DROP can read the registry; a pinned search_path.
 CREATE FUNCTION ep.guard_dependencies() RETURNS event_trigger
@@ -158,7 +159,8 @@ BEGIN
         used_by := NULL;
         IF d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass THEN
             SELECT pg_catalog.string_agg(pg_catalog.quote_literal(n.name), ', ') INTO used_by FROM (
-                SELECT p.name FROM ep.projections p WHERE p.handler::oid = d.objid
+                SELECT p.name FROM ep.projections p
+                 WHERE p.handler::oid = d.objid OR p.replay_handler::oid = d.objid
                 UNION
                 SELECT r.projection FROM ep.rebuilds r
                  WHERE r.status IN ('queued', 'running')

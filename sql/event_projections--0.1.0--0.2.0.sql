@@ -1,10 +1,12 @@
 -- event_projections 0.1.0 -> 0.2.0 (ALTER EXTENSION event_projections UPDATE).
 --
--- 0.2.0 serves every database of the cluster through a launcher, and adds monitoring: ep_status(),
--- ep.worker_processes() and the ep.workers view. No table changes: the rows of 0.1.0 are kept as
--- they are, and the 0.2.0 library runs a database still at 0.1.0 unchanged until this script runs
--- (it uses none of the objects below). pgrx-tests/tests/upgrade.rs checks that a database updated
--- by this script has the same objects, with the same definitions, as one created at 0.2.0.
+-- 0.2.0 serves every database of the cluster through a launcher, adds monitoring (ep_status(),
+-- ep.worker_processes(), the ep.workers view) and replay handlers (a column of ep.projections and
+-- a sixth argument of ep_register_projection). The rows of 0.1.0 are kept as they are. The 0.2.0
+-- library serves a database still at 0.1.0 until this script runs: it reads ep.projections in
+-- 0.1.0's form there, and keeps the C symbol of 0.1.0's five-argument ep_register_projection.
+-- pgrx-tests/tests/upgrade.rs checks that a database updated by this script has the same objects,
+-- with the same definitions, privileges and comments, as one created at 0.2.0.
 
 \echo Use "ALTER EXTENSION event_projections UPDATE" to load this file. \quit
 
@@ -39,6 +41,131 @@ SELECT w.slot, w.pid, w.database, w.doing, w.projection_id, w.projection, w.sinc
   FROM ep.worker_processes() w;
 COMMENT ON VIEW ep.workers IS
   'One row per event_projections worker process of any database: its slot, pid, the database it serves, what it does now (starting, idle, rebuilding, delivering, yielding), the projection (named for this database), since when, and when it started.';
+
+-- Replay handlers (sql/schema.sql, sql/api.sql, sql/triggers.sql).
+ALTER TABLE ep.projections ADD COLUMN replay_handler regprocedure;
+
+CREATE OR REPLACE VIEW ep.projection_status WITH (security_barrier) AS
+SELECT p.name,
+       p.mode,
+       p.status,
+       p.event_types,
+       p.read_model_schema,
+       p.handler,
+       p.owner,
+       r.id                                       AS rebuild_id,
+       r.strategy                                 AS rebuild_strategy,
+       r.status                                   AS rebuild_status,
+       r.phase                                    AS rebuild_phase,
+       r.events_done                              AS rebuild_events_done,
+       r.events_total                             AS rebuild_events_total,
+       CASE WHEN r.events_total > 0
+            THEN round(100.0 * LEAST(r.events_done, r.events_total) / r.events_total, 1) END AS rebuild_progress_pct,
+       CASE WHEN r.status = 'running' AND r.events_done > 0 AND r.events_total > r.events_done
+            THEN (clock_timestamp() - r.started_at) * ((r.events_total - r.events_done)::float8 / r.events_done) END
+                                                  AS rebuild_eta,
+       r.error                                    AS rebuild_error,
+       CASE WHEN p.mode = 'async' THEN p.position END AS position,
+       head.position                              AS head_position,
+       CASE WHEN p.mode = 'async' THEN
+           (SELECT count(*) FROM ep.events e
+             WHERE e.global_position > p.position
+               AND (p.event_types IS NULL OR e.event_type = ANY (p.event_types))) END AS lag_events,
+       CASE WHEN p.mode = 'async' THEN
+           COALESCE(extract(epoch FROM clock_timestamp() -
+               (SELECT e.created_at FROM ep.events e
+                 WHERE e.global_position > p.position
+                   AND (p.event_types IS NULL OR e.event_type = ANY (p.event_types))
+                 ORDER BY e.global_position LIMIT 1))::float8, 0) END AS lag_seconds,
+       p.attempts,
+       p.failing_position,
+       p.last_error,
+       p.last_error_at,
+       p.last_applied_at,
+       p.replay_handler
+FROM ep.projections p
+CROSS JOIN (SELECT max(global_position) AS position FROM ep.events) head
+LEFT JOIN LATERAL (
+    SELECT * FROM ep.rebuilds r
+     WHERE r.projection_id = p.id
+     ORDER BY (r.status IN ('queued', 'running')) DESC, r.id DESC
+     LIMIT 1) r ON true
+-- The view reads the catalog with its owner's rights; a role sees the projections it acts for
+-- (their errors can quote the events they failed on), or all of them with SELECT on the registry.
+WHERE pg_catalog.pg_has_role(p.owner, 'USAGE')
+   OR pg_catalog.has_table_privilege('ep.projections', 'SELECT');
+
+CREATE OR REPLACE FUNCTION ep.guard_dependencies() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    d record;
+    used_by text;
+BEGIN
+    IF pg_catalog.to_regclass('ep.projections') IS NULL THEN
+        RETURN;  -- the extension itself is being dropped
+    END IF;
+    FOR d IN SELECT * FROM pg_catalog.pg_event_trigger_dropped_objects() LOOP
+        used_by := NULL;
+        IF d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass THEN
+            SELECT pg_catalog.string_agg(pg_catalog.quote_literal(n.name), ', ') INTO used_by FROM (
+                SELECT p.name FROM ep.projections p
+                 WHERE p.handler::oid = d.objid OR p.replay_handler::oid = d.objid
+                UNION
+                SELECT r.projection FROM ep.rebuilds r
+                 WHERE r.status IN ('queued', 'running')
+                   AND (r.new_handler::oid = d.objid OR r.setup_function::oid = d.objid)) n;
+        ELSIF d.classid = 'pg_catalog.pg_namespace'::pg_catalog.regclass THEN
+            SELECT pg_catalog.string_agg(pg_catalog.quote_literal(p.name), ', ') INTO used_by
+              FROM ep.projections p WHERE p.read_model_schema = d.object_name;
+        END IF;
+        IF used_by IS NOT NULL THEN
+            RAISE EXCEPTION 'cannot drop % because projection % uses it', d.object_identity, used_by
+                USING ERRCODE = '2BP01',
+                      HINT = pg_catalog.format('SELECT ep_unregister_projection(%s) first (or cancel its rebuild).', used_by);
+        END IF;
+    END LOOP;
+END $$;
+
+DROP TRIGGER projections_updated ON ep.projections;
+CREATE TRIGGER projections_updated AFTER UPDATE ON ep.projections FOR EACH ROW
+    WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.generation IS DISTINCT FROM NEW.generation
+          OR OLD.handler IS DISTINCT FROM NEW.handler OR OLD.batch IS DISTINCT FROM NEW.batch
+          OR OLD.mode IS DISTINCT FROM NEW.mode OR OLD.event_types IS DISTINCT FROM NEW.event_types
+          OR OLD.read_model_schema IS DISTINCT FROM NEW.read_model_schema OR OLD.owner IS DISTINCT FROM NEW.owner
+          OR OLD.search_path IS DISTINCT FROM NEW.search_path OR OLD.name IS DISTINCT FROM NEW.name
+          OR OLD.id IS DISTINCT FROM NEW.id OR OLD.replay_handler IS DISTINCT FROM NEW.replay_handler)
+    EXECUTE FUNCTION ep.projections_changed();
+
+-- ep_register_projection gains its sixth argument: a new function, with the old one's grants.
+CREATE  FUNCTION "ep_register_projection"(
+	"name" TEXT, /* Option < & str > */
+	"handler" regprocedure, /* Option < RegProcedure > */
+	"mode" TEXT DEFAULT 'inline', /* Option < & str > */
+	"event_types" TEXT[] DEFAULT NULL, /* :: std :: option :: Option < Vec < Option < String > > > */
+	"read_model_schema" TEXT DEFAULT NULL, /* Option < & str > */
+	"replay_handler" regprocedure DEFAULT NULL /* Option < RegProcedure > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'ep_register_projection_v2_wrapper';
+REVOKE ALL ON FUNCTION ep_register_projection(text, regprocedure, text, text[], text, regprocedure) FROM PUBLIC;
+DO $$
+DECLARE
+    a record;
+BEGIN
+    FOR a IN SELECT g.privilege_type, g.grantee, g.is_grantable
+               FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) g
+              WHERE p.oid = 'ep_register_projection(text, regprocedure, text, text[], text)'::pg_catalog.regprocedure
+                AND g.grantee OPERATOR(pg_catalog.<>) p.proowner LOOP
+        EXECUTE pg_catalog.format('GRANT %s ON FUNCTION ep_register_projection(text, regprocedure, text, text[], text, regprocedure) TO %s%s',
+            a.privilege_type,
+            CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END,
+            CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+END $$;
+DROP FUNCTION ep_register_projection(text, regprocedure, text, text[], text);
 
 -- PUBLIC may do nothing here either (sql/api.sql revokes it for every routine at CREATE EXTENSION).
 REVOKE ALL ON FUNCTION ep_status() FROM PUBLIC;

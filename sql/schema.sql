@@ -56,7 +56,10 @@ CREATE TABLE ep.projections (
     last_error         text,
     last_error_at      timestamptz,
     last_applied_at    timestamptz,
-    registered_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+    registered_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- The set-based twin of `handler`: (after_position bigint, up_to_position bigint) RETURNS void,
+    -- called for replays and catch-ups over ranges the extension guarantees complete.
+    replay_handler     regprocedure
 );
 
 CREATE SEQUENCE ep.rebuild_id_seq AS bigint;

@@ -19,7 +19,7 @@ CREATE TRIGGER projections_updated AFTER UPDATE ON ep.projections FOR EACH ROW
           OR OLD.mode IS DISTINCT FROM NEW.mode OR OLD.event_types IS DISTINCT FROM NEW.event_types
           OR OLD.read_model_schema IS DISTINCT FROM NEW.read_model_schema OR OLD.owner IS DISTINCT FROM NEW.owner
           OR OLD.search_path IS DISTINCT FROM NEW.search_path OR OLD.name IS DISTINCT FROM NEW.name
-          OR OLD.id IS DISTINCT FROM NEW.id)
+          OR OLD.id IS DISTINCT FROM NEW.id OR OLD.replay_handler IS DISTINCT FROM NEW.replay_handler)
     EXECUTE FUNCTION ep.projections_changed();
 
 -- The log is append-only (statement level, so TRUNCATE is caught too).

@@ -32,15 +32,32 @@ fn ep_append_events(
 }
 
 /// Registers a projection. Inline projections are built from the whole log before this returns.
-#[pg_extern(volatile, parallel_unsafe)]
-fn ep_register_projection(
+/// `replay_handler`, if given, applies whole ranges of the log set-based (README, "Replay
+/// handlers").
+#[pg_extern(volatile, parallel_unsafe, name = "ep_register_projection")]
+fn ep_register_projection_v2(
     name: Option<&str>,
     handler: Option<RegProcedure>,
     mode: default!(Option<&str>, "'inline'"),
     event_types: default!(Option<Vec<Option<String>>>, "NULL"),
     read_model_schema: default!(Option<&str>, "NULL"),
+    replay_handler: default!(Option<RegProcedure>, "NULL"),
 ) {
-    registry::register(name, handler.map(|h| h.0), mode, event_types, read_model_schema).or_raise()
+    registry::register(name, handler.map(|h| h.0), mode, event_types, read_model_schema, replay_handler.map(|h| h.0))
+        .or_raise()
+}
+
+/// The five-argument `ep_register_projection` of 0.1.0, under the C symbol its SQL names: a
+/// database whose extension is not updated yet keeps calling it (no SQL of its own in 0.2.0).
+#[pg_extern(volatile, parallel_unsafe, sql = false)]
+fn ep_register_projection(
+    name: Option<&str>,
+    handler: Option<RegProcedure>,
+    mode: Option<&str>,
+    event_types: Option<Vec<Option<String>>>,
+    read_model_schema: Option<&str>,
+) {
+    registry::register(name, handler.map(|h| h.0), mode, event_types, read_model_schema, None).or_raise()
 }
 
 /// Removes a projection; its read-model tables are left alone.

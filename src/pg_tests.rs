@@ -41,7 +41,7 @@ mod tests {
             "GRANT SELECT ON ep.events, ep.streams, ep.projection_status TO {r}",
             "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint), ep_append_events(text, jsonb, bigint), \
              ep_stream_version(text), ep_read_stream(text, bigint, int), ep_read_all(bigint, int), \
-             ep_register_projection(text, regprocedure, text, text[], text), ep_unregister_projection(text), \
+             ep_register_projection(text, regprocedure, text, text[], text, regprocedure), ep_unregister_projection(text), \
              ep_rebuild(text, text, regprocedure, regprocedure), ep_rebuild_wait(bigint, interval), ep_rebuild_status(bigint), \
              ep_cancel_rebuild(text), ep_retry_projection(text), ep_skip_event(text, bigint), \
              ep_wait_for(text, bigint, interval), ep_require_ready(text), ep_projection_ready(text) TO {r}",

@@ -93,6 +93,12 @@ fn update_from_0_1_0_with_data_equals_a_fresh_install() {
     create_counts_projection(&mut c, "inl", "w_inl");
     create_counts_model(&mut c, "w_asy");
     register(&mut c, "asy", "w_asy.count_event(ep.events)", "async", "w_asy");
+    // A grant made at 0.1.0 on a function whose signature 0.2.0 changes.
+    c.batch_execute(
+        "DROP ROLE IF EXISTS up_registrar; CREATE ROLE up_registrar;
+         GRANT EXECUTE ON FUNCTION ep_register_projection(text, regprocedure, text, text[], text) TO up_registrar;",
+    )
+    .unwrap();
     c.batch_execute("SELECT ep_subscribe('sub', NULL, 1)").unwrap();
     let mut p = 0;
     for n in 0..100 {
@@ -137,6 +143,42 @@ fn update_from_0_1_0_with_data_equals_a_fresh_install() {
     assert_eq!(doc["projections"].as_array().map(|a| a.len()), Some(2), "{doc}");
     assert!(wait_for_workers(&mut c, &old.name, 1, Duration::from_secs(10)), "ep.workers shows no worker");
 
+    // The grant followed ep_register_projection to its new signature.
+    let kept: bool = c
+        .query_one(
+            "SELECT has_function_privilege('up_registrar',
+                    'ep_register_projection(text, regprocedure, text, text[], text, regprocedure)', 'EXECUTE')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(kept, "the 0.1.0 grant on ep_register_projection was lost");
+    // (the grant is the test's, not the extension's: gone before the comparison below)
+    c.batch_execute(
+        "REVOKE ALL ON FUNCTION ep_register_projection(text, regprocedure, text, text[], text, regprocedure) FROM up_registrar;
+         DROP ROLE up_registrar;",
+    )
+    .unwrap();
+    // What 0.2.0 adds works in the updated database: a projection with a replay handler.
+    c.batch_execute(
+        "CREATE SCHEMA w_rep; CREATE TABLE w_rep.counts (LIKE w_asy.counts INCLUDING ALL);
+         CREATE FUNCTION w_rep.count_event(e ep.events) RETURNS void LANGUAGE plpgsql AS $f$
+         BEGIN
+           INSERT INTO counts AS c VALUES (e.stream_id, 1, e.global_position)
+             ON CONFLICT (stream_id) DO UPDATE SET n = c.n + 1, last_position = excluded.last_position;
+         END $f$;
+         CREATE FUNCTION w_rep.replay(a bigint, b bigint) RETURNS void LANGUAGE plpgsql AS $f$
+         BEGIN
+           INSERT INTO counts AS c (stream_id, n, last_position)
+           SELECT e.stream_id, count(*), max(e.global_position) FROM ep.events e
+            WHERE e.global_position > a AND e.global_position <= b GROUP BY e.stream_id
+           ON CONFLICT (stream_id) DO UPDATE SET n = c.n + excluded.n, last_position = excluded.last_position;
+         END $f$;
+         SELECT ep_register_projection('rep', 'w_rep.count_event(ep.events)', 'inline', NULL, 'w_rep', 'w_rep.replay(bigint, bigint)');",
+    )
+    .unwrap_or_else(|e| panic!("a replay handler after the update: {}", show(&e)));
+    assert_counts_match_log(&mut c, "w_rep");
+
     // The same objects as a fresh install.
     let (updated, created) = (catalog_picture(&mut c), catalog_picture(&mut fresh.connect()));
     let only_updated: Vec<&String> = updated.iter().filter(|l| !created.contains(l)).collect();
@@ -148,6 +190,41 @@ fn update_from_0_1_0_with_data_equals_a_fresh_install() {
         only_created.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
     );
     assert!(updated.len() > 40, "the comparison saw only {} objects", updated.len());
+}
+
+/// The library serves databases still at an older version until they are updated: every C
+/// function of an older version's SQL must find its symbol in the library with the arguments it
+/// had (a symbol reused with other arguments would read arguments the old SQL never passes).
+#[test]
+fn old_sql_calls_the_library_with_the_arguments_it_was_built_for() {
+    install_old_script();
+    let old = TestDb::empty("upgrade_symbols_old");
+    let mut o = old.connect();
+    o.batch_execute(&format!("CREATE EXTENSION event_projections VERSION '{OLD}'")).unwrap();
+    let fresh = TestDb::new("upgrade_symbols_new");
+    let symbols = |c: &mut postgres::Client| -> std::collections::BTreeMap<String, String> {
+        c.query(
+            "SELECT p.prosrc, pg_get_function_arguments(p.oid) || ' -> ' || pg_get_function_result(p.oid)
+               FROM pg_proc p WHERE p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'c')
+                AND p.probin LIKE '%event_projections'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    };
+    let (then, now) = (symbols(&mut o), symbols(&mut fresh.connect()));
+    assert!(then.len() > 20, "only {} C functions in {OLD}", then.len());
+    for (symbol, args) in &then {
+        if let Some(current) = now.get(symbol) {
+            // Defaults may differ; the argument types and the result may not.
+            let strip = |s: &str| {
+                s.split(", ").map(|a| a.split(" DEFAULT ").next().unwrap_or(a).to_string()).collect::<Vec<_>>()
+            };
+            assert_eq!(strip(current), strip(args), "symbol {symbol} changed its arguments since {OLD}");
+        }
+    }
 }
 
 /// Every update script a released version needs is there: from each kept version's SQL,

@@ -67,3 +67,50 @@ pub fn interval_micros(i: &pgrx::datum::Interval) -> Result<i64, String> {
         Some(t) => Ok(t),
     }
 }
+
+/// Runs `f` in an internal subtransaction. An error rolls the subtransaction back (what `f` did is
+/// undone, the session is left as before) and comes back as its message; query cancels and
+/// shutdowns are raised again, after the rollback.
+pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    // SAFETY: the internal-subtransaction protocol of PL/pgSQL's exception blocks: begin, run,
+    // then release or roll back, restoring the memory context and resource owner of the caller on
+    // every path.
+    unsafe {
+        let cxt = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(cxt);
+        let f = std::panic::AssertUnwindSafe(f);
+        let result = pgrx::PgTryBuilder::new(move || {
+            let f = f;
+            Ok((f.0)())
+        })
+        .catch_others(|e| {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(cxt);
+            pg_sys::CurrentResourceOwner = owner;
+            let (code, message) = match &e {
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r)
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                    (r.sql_error_code(), r.message().to_string())
+                }
+            };
+            if matches!(
+                code,
+                pgrx::PgSqlErrorCode::ERRCODE_QUERY_CANCELED | pgrx::PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN
+            ) || pg_sys::ProcDiePending != 0
+            {
+                e.rethrow();
+            }
+            Err(message)
+        })
+        .execute();
+        if result.is_ok() {
+            pg_sys::ReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(cxt);
+            pg_sys::CurrentResourceOwner = owner;
+        }
+        result
+    }
+}

@@ -738,8 +738,10 @@ fn handoff_final(cat: &Catalog, p: &Projection, r: &Rebuild, h: &crate::sandbox:
             exec_priv(
                 cat,
                 &Stmt {
+                    // A new handler leaves the replay handler behind: it was the old one's twin.
                     sql: "UPDATE ep.projections SET handler = COALESCE($2::oid::regprocedure, handler), \
-                                 batch = COALESCE($3, batch), generation = generation + 1 WHERE id = $1",
+                                 batch = COALESCE($3, batch), generation = generation + 1, \
+                                 replay_handler = CASE WHEN $2 IS NULL THEN replay_handler END WHERE id = $1",
                     types: &[pg_sys::INT4OID, pg_sys::OIDOID, pg_sys::BOOLOID],
                 },
                 &[

@@ -49,6 +49,8 @@ pub struct Projection {
     pub name: String,
     pub handler: pg_sys::Oid,
     pub batch: bool,
+    /// The set-based replay handler `(after_position bigint, up_to_position bigint)`, if any.
+    pub replay: Option<pg_sys::Oid>,
     pub mode: ProjectionMode,
     pub event_types: Option<Vec<String>>,
     pub schema: Option<String>,
@@ -83,22 +85,62 @@ impl Projection {
             projection: self.name.clone(),
             function,
             batch,
+            // The replay handler is the set-based twin of the registered handler only.
+            replay: if function == self.handler { self.replay } else { None },
             owner: self.owner,
             search_path: crate::sandbox::handler_path(schema, &self.search_path),
         }
     }
 }
 
-/// Statement text with the column list `row_to_projection` reads, in its order.
+/// Statement text with the column list `row_to_projection` reads, in its order. The `v1` form is
+/// for a database whose extension is still at 0.1.0 (no `replay_handler` column yet): the library
+/// serves it until ALTER EXTENSION ... UPDATE.
 macro_rules! with_columns {
     ($head:literal, $tail:literal) => {
+        with_columns!(@ $head, "replay_handler::oid", $tail)
+    };
+    (v1 $head:literal, $tail:literal) => {
+        with_columns!(@ $head, "NULL::oid", $tail)
+    };
+    (@ $head:literal, $replay:literal, $tail:literal) => {
         concat!(
             $head,
             "id, name, handler::oid, batch, mode, event_types, read_model_schema, owner::oid, \
-             search_path, status, generation, position",
+             search_path, status, generation, position, ",
+            $replay,
             $tail
         )
     };
+}
+
+/// A statement in the current schema's form and in 0.1.0's.
+struct Versioned {
+    current: Stmt,
+    v1: Stmt,
+}
+
+impl Versioned {
+    /// The form this database's catalog takes.
+    fn get(&'static self) -> &'static Stmt {
+        if has_replay_column() {
+            &self.current
+        } else {
+            &self.v1
+        }
+    }
+}
+
+/// Whether ep.projections has the `replay_handler` column (0.2.0 on), looked up each time: ALTER
+/// EXTENSION ... UPDATE adds it under running backends.
+fn has_replay_column() -> bool {
+    // SAFETY: syscache lookups by name; get_attnum returns InvalidAttrNumber when there is none.
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"ep".as_ptr(), true);
+        let rel = pg_sys::get_relname_relid(c"projections".as_ptr(), ns);
+        rel != pg_sys::Oid::INVALID
+            && pg_sys::get_attnum(rel, c"replay_handler".as_ptr()) != pg_sys::InvalidAttrNumber as i16
+    }
 }
 
 fn row_to_projection(rows: &spi::Rows, i: usize) -> Projection {
@@ -116,16 +158,24 @@ fn row_to_projection(rows: &spi::Rows, i: usize) -> Projection {
         status: rows.get::<String>(i, 10).and_then(|s| Status::parse(&s)).unwrap_or(Status::Stale),
         generation: rows.get(i, 11).unwrap_or(0),
         position: rows.get(i, 12).unwrap_or(0),
+        replay: rows.get(i, 13),
     }
 }
 
-static BY_NAME: Stmt =
-    Stmt { sql: with_columns!("SELECT ", " FROM ep.projections WHERE name = $1"), types: &[pg_sys::TEXTOID] };
+static BY_NAME: Versioned = Versioned {
+    current: Stmt { sql: with_columns!("SELECT ", " FROM ep.projections WHERE name = $1"), types: &[pg_sys::TEXTOID] },
+    v1: Stmt { sql: with_columns!(v1 "SELECT ", " FROM ep.projections WHERE name = $1"), types: &[pg_sys::TEXTOID] },
+};
 
-static BY_ID: Stmt =
-    Stmt { sql: with_columns!("SELECT ", " FROM ep.projections WHERE id = $1"), types: &[pg_sys::INT4OID] };
+static BY_ID: Versioned = Versioned {
+    current: Stmt { sql: with_columns!("SELECT ", " FROM ep.projections WHERE id = $1"), types: &[pg_sys::INT4OID] },
+    v1: Stmt { sql: with_columns!(v1 "SELECT ", " FROM ep.projections WHERE id = $1"), types: &[pg_sys::INT4OID] },
+};
 
-static ALL: Stmt = Stmt { sql: with_columns!("SELECT ", " FROM ep.projections ORDER BY id"), types: &[] };
+static ALL: Versioned = Versioned {
+    current: Stmt { sql: with_columns!("SELECT ", " FROM ep.projections ORDER BY id"), types: &[] },
+    v1: Stmt { sql: with_columns!(v1 "SELECT ", " FROM ep.projections ORDER BY id"), types: &[] },
+};
 
 fn collect(rows: &spi::Rows) -> Vec<Projection> {
     (0..rows.len()).map(|i| row_to_projection(rows, i)).collect()
@@ -171,7 +221,7 @@ pub fn view_for_appends(cat: &Catalog) -> (std::rc::Rc<View>, Option<u64>) {
     // The epoch is read before the catalog: a change racing with this read leaves a view that is
     // at least as new as its epoch says, and the next call reads again.
     let view = std::rc::Rc::new(catalog::privileged(cat, || {
-        let projections = Spi::connect(|client| collect(&spi::exec(client, &ALL, &[], Snap::Latest, 0)));
+        let projections = Spi::connect(|client| collect(&spi::exec(client, ALL.get(), &[], Snap::Latest, 0)));
         View { projections, channels: crate::subscription::channels() }
     }));
     if let Some(epoch) = epoch {
@@ -218,7 +268,7 @@ pub fn subscribes(p: &Projection, types: &[&str]) -> bool {
 pub fn by_name(name: &str) -> Option<Projection> {
     catalog::read(|| {
         Spi::connect(|client| {
-            collect(&spi::exec(client, &BY_NAME, &[spi::text(name)], Snap::Latest, 0)).into_iter().next()
+            collect(&spi::exec(client, BY_NAME.get(), &[spi::text(name)], Snap::Latest, 0)).into_iter().next()
         })
     })
 }
@@ -227,14 +277,14 @@ pub fn by_name(name: &str) -> Option<Projection> {
 pub fn by_id(id: i32) -> Option<Projection> {
     catalog::read(|| {
         Spi::connect(|client| {
-            collect(&spi::exec(client, &BY_ID, &[id.into_datum()], Snap::Latest, 0)).into_iter().next()
+            collect(&spi::exec(client, BY_ID.get(), &[id.into_datum()], Snap::Latest, 0)).into_iter().next()
         })
     })
 }
 
 /// Every projection, read with a snapshot taken now.
 pub fn all() -> Vec<Projection> {
-    catalog::read(|| Spi::connect(|client| collect(&spi::exec(client, &ALL, &[], Snap::Latest, 0))))
+    catalog::read(|| Spi::connect(|client| collect(&spi::exec(client, ALL.get(), &[], Snap::Latest, 0))))
 }
 
 /// Whether the handler takes `ep.events[]` (Some(true)), `ep.events` (Some(false)), or neither.
@@ -370,6 +420,30 @@ pub fn validate_handler(cat: &Catalog, function: pg_sys::Oid, runner: pg_sys::Oi
     Ok(batch)
 }
 
+/// A replay handler is `(after_position bigint, up_to_position bigint) RETURNS void`, VOLATILE (so
+/// that each of its statements reads with a snapshot taken after the range was known to be
+/// complete), and otherwise held to the handler's rules.
+pub fn validate_replay_handler(function: pg_sys::Oid, runner: pg_sys::Oid) -> Result<(), RegistryError> {
+    let name = catalog::regprocedure_text(function);
+    let bad = |problem: &str| RegistryError::BadHandler { handler: name.clone(), problem: problem.into() };
+    let (args, ret, volatility, kind) = signature(function).ok_or_else(|| bad("it does not exist"))?;
+    if kind != b'f' {
+        return Err(bad("it is not a plain function"));
+    }
+    if args != [pg_sys::INT8OID, pg_sys::INT8OID] || ret != pg_sys::VOIDOID {
+        return Err(bad("a replay handler takes (after_position bigint, up_to_position bigint) and returns void"));
+    }
+    if volatility != b'v' {
+        return Err(bad("it must be VOLATILE"));
+    }
+    refuse_temporary(function, &name)?;
+    check_function_owner(function, &name, runner)?;
+    if !catalog::may_execute(runner, function) {
+        return Err(RegistryError::NoExecute { handler: name });
+    }
+    Ok(())
+}
+
 /// A projection's code (handler, new handler, setup function) must be owned by the projection's
 /// owner (or a role whose privileges it has): otherwise registering it would keep that function's
 /// owner from dropping it (the drop guard), and its owner could change what the projection runs.
@@ -463,20 +537,31 @@ fn current_search_path() -> String {
     }
 }
 
-static INSERT: Stmt = Stmt {
-    sql: "INSERT INTO ep.projections (name, handler, batch, mode, event_types, read_model_schema, owner, search_path, status) \
-          VALUES ($1, $2::oid::regprocedure, $3, $4, $5, $6, $7::oid::regrole, $8, 'active') RETURNING id",
-    types: &[
-        pg_sys::TEXTOID,
-        pg_sys::OIDOID,
-        pg_sys::BOOLOID,
-        pg_sys::TEXTOID,
-        pg_sys::TEXTARRAYOID,
-        pg_sys::TEXTOID,
-        pg_sys::OIDOID,
-        pg_sys::TEXTOID,
-    ],
+static INSERT: Versioned = Versioned {
+    current: Stmt {
+        sql: "INSERT INTO ep.projections (name, handler, batch, mode, event_types, read_model_schema, owner, search_path, status, replay_handler) \
+              VALUES ($1, $2::oid::regprocedure, $3, $4, $5, $6, $7::oid::regrole, $8, 'active', $9::oid::regprocedure) RETURNING id",
+        types: &INSERT_TYPES,
+    },
+    // 0.1.0 has no replay handlers (its ep_register_projection cannot pass one): $9 is NULL.
+    v1: Stmt {
+        sql: "INSERT INTO ep.projections (name, handler, batch, mode, event_types, read_model_schema, owner, search_path, status) \
+              SELECT $1, $2::oid::regprocedure, $3, $4, $5, $6, $7::oid::regrole, $8, 'active' WHERE $9 IS NULL RETURNING id",
+        types: &INSERT_TYPES,
+    },
 };
+
+const INSERT_TYPES: [pg_sys::Oid; 9] = [
+    pg_sys::TEXTOID,
+    pg_sys::OIDOID,
+    pg_sys::BOOLOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::TEXTOID,
+    pg_sys::OIDOID,
+    pg_sys::TEXTOID,
+    pg_sys::OIDOID,
+];
 
 /// The batch size of replays and async delivery (`event_projections.batch_size`).
 pub fn batch_size() -> i64 {
@@ -491,6 +576,7 @@ pub fn register(
     mode: Option<&str>,
     event_types: Option<Vec<Option<String>>>,
     schema: Option<&str>,
+    replay_handler: Option<pg_sys::Oid>,
 ) -> Result<(), RegistryError> {
     let cat = catalog::require();
     let name = required_text(name, "name")?;
@@ -507,6 +593,9 @@ pub fn register(
     let caller = catalog::current_user();
     validate_log_access(&cat, caller)?;
     let batch = validate_handler(&cat, function, caller)?;
+    if let Some(r) = replay_handler {
+        validate_replay_handler(r, caller)?;
+    }
     if mode == ProjectionMode::Async {
         if let Err(e) = crate::handoff::inflight::require_worker() {
             crate::pg::error::raise(&e);
@@ -526,7 +615,7 @@ pub fn register(
         Spi::connect(|client| {
             let rows = spi::exec(
                 client,
-                &INSERT,
+                INSERT.get(),
                 &[
                     spi::text(name),
                     function.into_datum(),
@@ -536,6 +625,7 @@ pub fn register(
                     schema.and_then(spi::text),
                     caller.into_datum(),
                     spi::text(&search_path),
+                    replay_handler.into_datum(),
                 ],
                 Snap::Fresh,
                 0,

@@ -16,6 +16,9 @@ pub struct Handler {
     pub projection: String,
     pub function: pg_sys::Oid,
     pub batch: bool,
+    /// The projection's replay handler, `(after_position bigint, up_to_position bigint)`, which
+    /// applies a whole range of the log set-based (`sandbox::replay` decides when it may).
+    pub replay: Option<pg_sys::Oid>,
     pub owner: pg_sys::Oid,
     /// The full search_path the handler runs with.
     pub search_path: String,
@@ -111,6 +114,28 @@ pub unsafe fn call1(finfo: *mut pg_sys::FmgrInfo, arg: pg_sys::Datum) {
     }
 }
 
+/// Calls a two-argument function and ignores its result (see `call1`).
+///
+/// # Safety
+/// `finfo` must come from `fmgr_for` for a function taking two arguments of the datums' types.
+pub unsafe fn call2(finfo: *mut pg_sys::FmgrInfo, a: pg_sys::Datum, b: pg_sys::Datum) {
+    // SAFETY: as in call1, with room for two arguments.
+    unsafe {
+        let size =
+            std::mem::size_of::<pg_sys::FunctionCallInfoBaseData>() + 2 * std::mem::size_of::<pg_sys::NullableDatum>();
+        let fcinfo = pg_sys::palloc0(size) as *mut pg_sys::FunctionCallInfoBaseData;
+        (*fcinfo).flinfo = finfo;
+        (*fcinfo).fncollation = pg_sys::Oid::INVALID;
+        (*fcinfo).nargs = 2;
+        let args = (*fcinfo).args.as_mut_slice(2);
+        args[0] = pg_sys::NullableDatum { value: a, isnull: false };
+        args[1] = pg_sys::NullableDatum { value: b, isnull: false };
+        let f = (*finfo).fn_addr.expect("fmgr_info sets fn_addr");
+        pg_sys::ffi::pg_guard_ffi_boundary(|| f(fcinfo));
+        pg_sys::pfree(fcinfo as *mut std::ffi::c_void);
+    }
+}
+
 /// Calls `function` with `arg` as user code of `projection`: checked (`sandbox::may_run`), as
 /// `owner` with `search_path`, in the sandbox, with the worker's timeout.
 pub fn call_checked(
@@ -151,76 +176,89 @@ impl Handler {
         what: impl Fn(usize) -> String,
     ) -> usize {
         let function = self.function;
-        if let Err(e) = sandbox::may_run(function, "handler", self.owner, &self.projection) {
-            crate::pg::error::raise(&e);
-        }
         let current = std::cell::Cell::new(0usize);
         let made = std::cell::Cell::new(0usize);
-        let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
-            sandbox::run_as(self.owner, &self.search_path, || {
-                let finfo = fmgr_for(function);
-                for (i, arg) in args.iter().enumerate() {
-                    if i > 0 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                        break;
-                    }
-                    current.set(i);
-                    made.set(i + 1);
-                    before(i);
-                    // SAFETY: fmgr_for made `finfo` for the handler, which takes `ep.events` (or
-                    // `ep.events[]` for a batch handler, and then `args` are arrays).
-                    sandbox::with_timeout(|| unsafe { call1(finfo, *arg) });
+        self.guarded(function, "handler", &|| what(current.get()), || {
+            let finfo = fmgr_for(function);
+            for (i, arg) in args.iter().enumerate() {
+                if i > 0 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    break;
                 }
-            });
+                current.set(i);
+                made.set(i + 1);
+                before(i);
+                // SAFETY: fmgr_for made `finfo` for the handler, which takes `ep.events` (or
+                // `ep.events[]` for a batch handler, and then `args` are arrays).
+                sandbox::with_timeout(|| unsafe { call1(finfo, *arg) });
+            }
+        });
+        made.get()
+    }
+
+    /// Calls the replay handler once for the range `after < global_position <= up_to`.
+    pub fn call_range(&self, replay: pg_sys::Oid, after: i64, up_to: i64) {
+        self.guarded(replay, "replay handler", &|| format!("events {}..{}", after + 1, up_to), || {
+            let finfo = fmgr_for(replay);
+            // SAFETY: validate_replay_handler checked that the function takes (bigint, bigint).
+            sandbox::with_timeout(|| unsafe { call2(finfo, after.into(), up_to.into()) });
+        });
+    }
+
+    /// Runs `body`, which calls `function`, checked and as the owner in the sandbox; an error is
+    /// raised again with the projection and `what()` named and its SQLSTATE kept.
+    fn guarded(&self, function: pg_sys::Oid, kind: &str, what: &dyn Fn() -> String, body: impl FnOnce()) {
+        if let Err(e) = sandbox::may_run(function, kind, self.owner, &self.projection) {
+            crate::pg::error::raise(&e);
+        }
+        let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+            sandbox::run_as(self.owner, &self.search_path, body);
             None
         }))
         .catch_others(Some)
         .execute();
-        if let Some(e) = result {
-            forget(function);
-            let (code, message, detail, hint) = match &e {
-                pg_sys::panic::CaughtError::PostgresError(r)
-                | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => (
-                    r.sql_error_code(),
-                    r.message().to_string(),
-                    r.detail().map(str::to_string),
-                    r.hint().map(str::to_string),
+        let Some(e) = result else { return };
+        forget(function);
+        let (code, message, detail, hint) = match &e {
+            pg_sys::panic::CaughtError::PostgresError(r)
+            | pg_sys::panic::CaughtError::ErrorReport(r)
+            | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => (
+                r.sql_error_code(),
+                r.message().to_string(),
+                r.detail().map(str::to_string),
+                r.hint().map(str::to_string),
+            ),
+        };
+        if sandbox::take_timed_out() {
+            let report = pg_sys::panic::ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+                format!(
+                    "projection \"{}\" failed on {}: its {kind} ran longer than event_projections.handler_timeout ({} ms)",
+                    self.projection,
+                    what(),
+                    crate::pg::settings::handler_timeout_ms()
                 ),
-            };
-            if sandbox::take_timed_out() {
-                let report = pg_sys::panic::ErrorReport::new(
-                    PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
-                    format!(
-                        "projection \"{}\" failed on {}: its handler ran longer than event_projections.handler_timeout ({} ms)",
-                        self.projection,
-                        what(current.get()),
-                        crate::pg::settings::handler_timeout_ms()
-                    ),
-                    "event_projections",
-                )
-                .set_detail(format!("The handler {} was cancelled.", catalog::regprocedure_text(function)))
-                .set_hint("Fix the handler, or raise event_projections.handler_timeout; then ep_retry_projection or ep_rebuild.");
-                report.report(PgLogLevel::ERROR);
-            }
-            // Query cancels and shutdowns must stay what they are.
-            if matches!(code, PgSqlErrorCode::ERRCODE_QUERY_CANCELED | PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN) {
-                e.rethrow();
-            }
-            let mut report = pg_sys::panic::ErrorReport::new(
-                code,
-                format!("projection \"{}\" failed on {}: {}", self.projection, what(current.get()), message),
                 "event_projections",
-            );
-            report =
-                report.set_detail(detail.unwrap_or_else(|| {
-                    format!("The handler {} raised the error.", catalog::regprocedure_text(function))
-                }));
-            if let Some(h) = hint {
-                report = report.set_hint(h);
-            }
+            )
+            .set_detail(format!("The {kind} {} was cancelled.", catalog::regprocedure_text(function)))
+            .set_hint("Fix the handler, or raise event_projections.handler_timeout; then ep_retry_projection or ep_rebuild.");
             report.report(PgLogLevel::ERROR);
         }
-        made.get()
+        // Query cancels and shutdowns must stay what they are.
+        if matches!(code, PgSqlErrorCode::ERRCODE_QUERY_CANCELED | PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN) {
+            e.rethrow();
+        }
+        let mut report = pg_sys::panic::ErrorReport::new(
+            code,
+            format!("projection \"{}\" failed on {}: {}", self.projection, what(), message),
+            "event_projections",
+        );
+        report = report.set_detail(
+            detail.unwrap_or_else(|| format!("The {kind} {} raised the error.", catalog::regprocedure_text(function))),
+        );
+        if let Some(h) = hint {
+            report = report.set_hint(h);
+        }
+        report.report(PgLogLevel::ERROR);
     }
 
     /// Calls the handler once with `arg`.

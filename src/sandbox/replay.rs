@@ -100,9 +100,65 @@ pub fn apply_step(
     apply(handler, filter, events_type, (after, up_to), limit, Snap::Fresh, Some(STEP_BUDGET))
 }
 
+static COUNT: Stmt = Stmt {
+    sql: "SELECT pg_catalog.count(*) FROM ep.events e \
+          WHERE e.global_position > $1 AND e.global_position <= $2 \
+            AND ($3::text[] IS NULL OR e.event_type = ANY ($3))",
+    types: &[pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::TEXTARRAYOID],
+};
+
+/// Whether the replay handler may apply `(after, bound]` instead of the handler. The range is
+/// always complete (callers pass ranges at or below the high-water mark, or under the hand-off
+/// lock); the handler must also *see* all of it, which a VOLATILE function does at READ COMMITTED
+/// (every statement takes a snapshot after the range was known to be complete), not under a
+/// REPEATABLE READ transaction's older snapshot: a registration in such a transaction replays
+/// event by event. It applies every event, so not across a skipped one (ep_skip_event), and not
+/// one at a time (`limit` 1: an async retry that must name the failing event).
+fn replay_applies(
+    handler: &Handler,
+    filter: Filter<'_>,
+    (after, bound): (i64, i64),
+    limit: i64,
+) -> Option<pg_sys::Oid> {
+    // SAFETY: a plain read of the transaction's isolation level.
+    let read_committed = unsafe { pg_sys::XactIsoLevel } < pg_sys::XACT_REPEATABLE_READ as i32;
+    let skips_inside = filter.skip.is_some_and(|s| s.iter().any(|p| *p > after && *p <= bound));
+    handler.replay.filter(|_| read_committed && limit > 1 && !skips_inside)
+}
+
+/// The range `(after, bound]` through the replay handler, in one call (none when no subscribed
+/// event is in it). Returns the events of the range, for progress. When the replay handler fails,
+/// its work is rolled back and the range is applied again event by event, so that a failure names
+/// its event (and async delivery retries exactly that one), as without a replay handler.
+fn apply_range(
+    handler: &Handler,
+    replay: pg_sys::Oid,
+    filter: Filter<'_>,
+    events_type: pg_sys::Oid,
+    (after, bound): (i64, i64),
+    (up_to, limit): (i64, i64),
+) -> Applied {
+    let events: i64 = Spi::connect(|client| {
+        let types = filter.types.and_then(|t| t.clone().into_datum());
+        crate::pg::catalog::read(|| {
+            spi::exec(client, &COUNT, &[spi::int8(after), spi::int8(bound), types], Snap::Fresh, 0).get(0, 1)
+        })
+        .unwrap_or(0)
+    });
+    if events > 0 {
+        ATTEMPTED.with(|c| c.set(after + 1));
+        if let Err(message) = crate::pg::backend::in_subtransaction(|| handler.call_range(replay, after, bound)) {
+            warning!("{message}; applying the range event by event");
+            let per_event = Handler { replay: None, ..handler.clone() };
+            return apply(&per_event, filter, events_type, (after, up_to), limit, Snap::Fresh, None);
+        }
+    }
+    Applied { events, through: bound, done: bound >= up_to }
+}
+
 /// Applies the events passing `filter` with `after < position <= up_to`, at most `limit` of them
 /// and scanning at most `limit * SCAN_BATCHES` positions, read under `snap`. Batch handlers get
-/// them as one array.
+/// them as one array; a replay handler, when it may (`replay_applies`), the whole scanned range.
 fn apply(
     handler: &Handler,
     filter: Filter<'_>,
@@ -113,6 +169,9 @@ fn apply(
     budget: Option<std::time::Duration>,
 ) -> Applied {
     let bound = scan_bound(after, up_to, limit);
+    if let Some(replay) = replay_applies(handler, filter, (after, bound), limit) {
+        return apply_range(handler, replay, filter, events_type, (after, bound), (up_to, limit));
+    }
     Spi::connect(|client| {
         let types = filter.types.and_then(|t| t.clone().into_datum());
         let skip = filter.skip.filter(|s| !s.is_empty()).and_then(|s| s.clone().into_datum());
