@@ -208,22 +208,25 @@ pgb() {
 # every measured rebuild starts by emptying them.
 qb -c "SELECT ep_register_projection('rb_event', 'bench.balance_event(ep.events)', 'inline', '{Deposited}', 'rb_event')" >/dev/null
 qb -c "SELECT ep_register_projection('rb_batch', 'bench.balance_batch(ep.events[])', 'inline', '{Deposited}', 'rb_batch')" >/dev/null
+qb -c "SELECT ep_register_projection('rb_replay', 'bench.balance_replay_event(ep.events)', 'inline', '{Deposited}', 'rb_replay', 'bench.balance_replay(bigint, bigint)')" >/dev/null
 qb -c "SELECT ep_register_projection('live', 'bench.balance_live(ep.events)', 'inline', '{Credited}', 'live')" >/dev/null
 qb -c "SELECT ep_register_projection('stall', 'bench.balance_stall(ep.events)', 'inline', '{Moved}', 'stall')" >/dev/null
 s=$(now); load "$HIST" Deposited true; log "loaded $HIST events (ep.events and bl.events) in $(calc "$(now) - $s") s"
 
 # ------------------------------------------------------------------------------------------------
-# Rebuilds: per-event handler vs the FOR loop, batch handler vs the set-based INSERT ... SELECT.
+# Rebuilds: per-event handler vs the FOR loop; batch handler and replay handler vs the set-based
+# INSERT ... SELECT.
 if ! skip rebuild; then
   log "rebuilds of $HIST events, $ROUNDS_RB interleaved rounds"
   qb -c "ALTER SYSTEM SET autovacuum = off" -c "SELECT pg_reload_conf()" >/dev/null
-  steps=(ep_event bl_loop ep_batch bl_set bl_loop_commit bl_batches)
+  steps=(ep_event bl_loop ep_batch bl_set ep_replay bl_loop_commit bl_batches)
   for r in $(seq 1 "$ROUNDS_RB"); do
-    for k in 0 1 2 3 4 5; do
-      st=${steps[$(( (k + r - 1) % 6 ))]}
+    for k in 0 1 2 3 4 5 6; do
+      st=${steps[$(( (k + r - 1) % 7 ))]}
       case $st in
         ep_event) rebuild_ep rb_event "rebuild_ep_event_r$r" ;;
         ep_batch) rebuild_ep rb_batch "rebuild_ep_batch_r$r" ;;
+        ep_replay) rebuild_ep rb_replay "rebuild_ep_replay_r$r" ;;
         bl_loop) rebuild_bl "SELECT bl.rebuild_loop('Deposited')" ;;
         bl_set) rebuild_bl "SELECT bl.rebuild_set('Deposited')" ;;
         bl_loop_commit) rebuild_bl "CALL bl.rebuild_loop_commit('Deposited')" ;;
@@ -244,13 +247,13 @@ if ! skip rebuild; then
   fi
   # All the models were built from the same events: they must be equal.
   diff=0
-  for m in bl_loop bl_set bl_loopc bl_batches rb_batch; do
+  for m in bl_loop bl_set bl_loopc bl_batches rb_batch rb_replay; do
     d=$(qb -c "SELECT (SELECT count(*) FROM (SELECT * FROM rb_event.balances EXCEPT SELECT * FROM $m.balances) x)
                     + (SELECT count(*) FROM (SELECT * FROM $m.balances EXCEPT SELECT * FROM rb_event.balances) x)")
     diff=$((diff + d))
   done
   record check models_differ 0 rows "$diff"
-  [ "$diff" = 0 ] && log "  the six read models are equal ($(qb -c "SELECT count(*) FROM rb_event.balances") accounts)" || log "  ERROR: the read models differ in $diff rows"
+  [ "$diff" = 0 ] && log "  the seven read models are equal ($(qb -c "SELECT count(*) FROM rb_event.balances") accounts)" || log "  ERROR: the read models differ in $diff rows"
   qb -c "ALTER SYSTEM RESET autovacuum" -c "SELECT pg_reload_conf()" >/dev/null
 fi
 
@@ -461,3 +464,10 @@ json.dump(m, open(sys.argv[1], "w"), indent=1)
 EOF
 log "done in ${T_TOTAL} s; raw results in $OUT"
 python3 bench/summarize.py "$OUT" | tee -a "$OUT/log.txt"
+# The charts next to the results document (bench/charts/*.png, shown in bench/RESULTS.md), from
+# Debian's matplotlib; BENCH_CHARTS=0 leaves them as they are (a partial run, say).
+if [ "${BENCH_CHARTS:-1}" = 1 ]; then
+  /usr/bin/python3 -c 'import matplotlib' 2>/dev/null ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-matplotlib >/dev/null
+  /usr/bin/python3 bench/charts.py "$OUT" bench/charts | tee -a "$OUT/log.txt"
+fi
