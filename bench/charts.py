@@ -81,8 +81,8 @@ def rebuild_chart(g, meta, path):
     errs = [[m - min(v) for m, (_, v) in zip(meds, rows)], [max(v) - m for m, (_, v) in zip(meds, rows)]]
     colors = ["#4878a8" if label.startswith("extension") else "#9a9a9a" for label, _ in rows]
     bars = ax.barh(range(len(rows)), meds, xerr=errs, capsize=3, color=colors)
-    for b, m in zip(bars, meds):
-        ax.text(m, b.get_y() + b.get_height() / 2, f" {m:.2f} s", va="center", fontsize=8)
+    for b, (_, v) in zip(bars, rows):
+        ax.text(max(v), b.get_y() + b.get_height() / 2, f"  {statistics.median(v):.2f} s", va="center", fontsize=8)
     ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("seconds (median of rounds)")

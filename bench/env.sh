@@ -107,10 +107,11 @@ cluster_restart() { cluster_stop; cluster_start; }
 q() { local db=$1; shift; "$PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h "$BENCH_SOCK" -p "$BENCH_PORT" -U postgres "$db" "$@"; }
 qb() { q "$BENCH_DB" "$@"; }
 
-# The workers start with the server but connect to the database only once it exists (they retry
-# every 5 s): wait until both serve it.
+# The launcher starts the workers of a database once it has the extension: wait until both serve
+# it (nothing to wait for before bench/setup.sql has created the extension).
 wait_workers() {
   local i
+  [ "$(qb -c "SELECT count(*) FROM pg_extension WHERE extname = 'event_projections'" 2>/dev/null)" = 1 ] || return 0
   for i in $(seq 1 100); do
     if [ "$(q postgres -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'event_projections worker' AND datname = '$BENCH_DB'" 2>/dev/null)" = "2" ]; then
       return 0

@@ -86,6 +86,7 @@ cluster_init
 cluster_start
 qb -f bench/baselines.sql >/dev/null
 qb -f bench/setup.sql >/dev/null
+wait_workers
 
 python3 - "$OUT/meta.json" <<EOF
 import json, os, platform, subprocess, sys

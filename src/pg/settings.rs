@@ -14,6 +14,7 @@ static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
 static RETRY_BACKOFF: GucSetting<i32> = GucSetting::<i32>::new(100);
 static NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static HANDLER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+static REPLAY_RANGE: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 
 pub fn define() {
     GucRegistry::define_string_guc(
@@ -94,6 +95,16 @@ pub fn define() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_int_guc(
+        c"event_projections.replay_range",
+        c"Most log positions one call of a replay handler covers.",
+        c"Larger ranges replay faster (fewer merges into the model) and make longer transactions.",
+        &REPLAY_RANGE,
+        1,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     // SAFETY: reserves our prefix (unknown event_projections.* settings become errors), once at load.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"event_projections".as_ptr()) };
 }
@@ -121,4 +132,7 @@ pub fn naptime_ms() -> i32 {
 }
 pub fn handler_timeout_ms() -> i32 {
     HANDLER_TIMEOUT.get()
+}
+pub fn replay_range() -> i32 {
+    REPLAY_RANGE.get()
 }

@@ -557,10 +557,22 @@ pub fn mark_started(cat: &Catalog, p: &Projection, r: &Rebuild, build: Option<&s
     }
 }
 
+static COUNT_POSITIONS: Stmt = Stmt {
+    sql: "UPDATE ep.rebuilds r SET events_total = r.events_done + GREATEST(r.target_position - r.checkpoint, 0) \
+          WHERE r.id = $1 AND r.events_total IS NULL",
+    types: &[pg_sys::INT8OID],
+};
+
 /// Fills in the number of events a running rebuild will replay, once (it reads the whole log, so
-/// a replay step does it, never a hand-off).
+/// a replay step does it, never a hand-off). A rebuild through a replay handler counts log
+/// positions instead (its steps do: `replay::apply_range`), which needs no read of the log.
 pub fn count_total(cat: &Catalog, p: &Projection, r: &Rebuild) {
-    if !r.total_counted {
+    if r.total_counted {
+        return;
+    }
+    if rebuild_handler(p, r).replay.is_some() {
+        exec_priv(cat, &COUNT_POSITIONS, &[r.id.into_datum()]);
+    } else {
         exec_priv(cat, &COUNT_TOTAL, &[r.id.into_datum(), p.id.into_datum()]);
     }
 }
@@ -691,7 +703,7 @@ fn copy_grants_schema(from: &str, to: &str) {
 
 /// The handler a rebuild runs: the new version if one was given, against the build copy for
 /// blue-green, against the live tables for in-place.
-fn rebuild_handler(p: &Projection, r: &Rebuild) -> crate::sandbox::handler::Handler {
+pub fn rebuild_handler(p: &Projection, r: &Rebuild) -> crate::sandbox::handler::Handler {
     match r.strategy {
         Strategy::InPlace => p.live_handler(),
         Strategy::BlueGreen => p.handler_for(r.new_handler.unwrap_or(p.handler), r.build_schema.as_deref()),

@@ -19,6 +19,10 @@ static RANGE: Stmt = Stmt {
 };
 
 thread_local! {
+    /// A replay handler that failed on a range, and where that range ended: up to there this
+    /// process applies event by event (each retry of the whole range would fail again, and cost
+    /// a read of all of it for every batch the per-event path gains).
+    static REPLAY_FAILED: std::cell::Cell<(pg_sys::Oid, i64)> = const { std::cell::Cell::new((pg_sys::Oid::INVALID, 0)) };
     /// Position of the event (first event of the batch) last handed to a handler: after an error,
     /// the event that failed.
     static ATTEMPTED: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
@@ -100,13 +104,6 @@ pub fn apply_step(
     apply(handler, filter, events_type, (after, up_to), limit, Snap::Fresh, Some(STEP_BUDGET))
 }
 
-static COUNT: Stmt = Stmt {
-    sql: "SELECT pg_catalog.count(*) FROM ep.events e \
-          WHERE e.global_position > $1 AND e.global_position <= $2 \
-            AND ($3::text[] IS NULL OR e.event_type = ANY ($3))",
-    types: &[pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::TEXTARRAYOID],
-};
-
 /// Whether the replay handler may apply `(after, bound]` instead of the handler. The range is
 /// always complete (callers pass ranges at or below the high-water mark, or under the hand-off
 /// lock); the handler must also *see* all of it, which a VOLATILE function does at READ COMMITTED
@@ -123,11 +120,13 @@ fn replay_applies(
     // SAFETY: a plain read of the transaction's isolation level.
     let read_committed = unsafe { pg_sys::XactIsoLevel } < pg_sys::XACT_REPEATABLE_READ as i32;
     let skips_inside = filter.skip.is_some_and(|s| s.iter().any(|p| *p > after && *p <= bound));
-    handler.replay.filter(|_| read_committed && limit > 1 && !skips_inside)
+    let failed = REPLAY_FAILED.with(|f| f.get());
+    handler.replay.filter(|r| read_committed && limit > 1 && !skips_inside && !(failed.0 == *r && after < failed.1))
 }
 
-/// The range `(after, bound]` through the replay handler, in one call (none when no subscribed
-/// event is in it). Returns the events of the range, for progress. When the replay handler fails,
+/// The range `(after, bound]` through the replay handler, in one call. Progress counts the range's
+/// log positions, not its events: counting them would read the range once more, as long as the
+/// replay handler itself takes (DESIGN.md, section 13). When the replay handler fails,
 /// its work is rolled back and the range is applied again event by event, so that a failure names
 /// its event (and async delivery retries exactly that one), as without a replay handler.
 fn apply_range(
@@ -138,22 +137,14 @@ fn apply_range(
     (after, bound): (i64, i64),
     (up_to, limit): (i64, i64),
 ) -> Applied {
-    let events: i64 = Spi::connect(|client| {
-        let types = filter.types.and_then(|t| t.clone().into_datum());
-        crate::pg::catalog::read(|| {
-            spi::exec(client, &COUNT, &[spi::int8(after), spi::int8(bound), types], Snap::Fresh, 0).get(0, 1)
-        })
-        .unwrap_or(0)
-    });
-    if events > 0 {
-        ATTEMPTED.with(|c| c.set(after + 1));
-        if let Err(message) = crate::pg::backend::in_subtransaction(|| handler.call_range(replay, after, bound)) {
-            warning!("{message}; applying the range event by event");
-            let per_event = Handler { replay: None, ..handler.clone() };
-            return apply(&per_event, filter, events_type, (after, up_to), limit, Snap::Fresh, None);
-        }
+    ATTEMPTED.with(|c| c.set(after + 1));
+    if let Err(message) = crate::pg::backend::in_subtransaction(|| handler.call_range(replay, after, bound)) {
+        warning!("{message}; applying the range event by event");
+        REPLAY_FAILED.with(|f| f.set((replay, bound)));
+        let per_event = Handler { replay: None, ..handler.clone() };
+        return apply(&per_event, filter, events_type, (after, up_to), limit, Snap::Fresh, None);
     }
-    Applied { events, through: bound, done: bound >= up_to }
+    Applied { events: bound - after, through: bound, done: bound >= up_to }
 }
 
 /// Applies the events passing `filter` with `after < position <= up_to`, at most `limit` of them
@@ -169,7 +160,9 @@ fn apply(
     budget: Option<std::time::Duration>,
 ) -> Applied {
     let bound = scan_bound(after, up_to, limit);
-    if let Some(replay) = replay_applies(handler, filter, (after, bound), limit) {
+    let range_end = up_to.min(after.saturating_add(crate::pg::settings::replay_range() as i64));
+    if let Some(replay) = replay_applies(handler, filter, (after, range_end), limit) {
+        let bound = range_end;
         return apply_range(handler, replay, filter, events_type, (after, bound), (up_to, limit));
     }
     Spi::connect(|client| {

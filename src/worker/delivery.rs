@@ -192,7 +192,8 @@ fn rebuild_step(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
                 inflight::bump_epoch_at_commit();
                 return Progress::Finished;
             }
-            let applied = replay_count(p, r.checkpoint, now);
+            // Progress in events, or in log positions through a replay handler (`count_total`).
+            let applied = if p.replay.is_some() { now - r.checkpoint } else { replay_count(p, r.checkpoint, now) };
             advance_rebuild(cat, p, r, now, applied);
             progress.unwrap_or(Progress::Busy)
         }
