@@ -27,7 +27,9 @@ SELECT ep_wait_for('exported', 50, '30 s');
 DROP ROLE IF EXISTS m_exporter;
 CREATE ROLE m_exporter LOGIN;
 GRANT USAGE ON SCHEMA ep TO m_exporter;
-GRANT SELECT ON ep.projection_status, ep.subscription_status, ep.workers, ep.projections, ep.subscriptions TO m_exporter;
+GRANT SELECT ON ep.projection_status, ep.subscription_status, ep.workers TO m_exporter;
+GRANT SELECT (id, name) ON ep.projections TO m_exporter;
+GRANT SELECT (name) ON ep.subscriptions TO m_exporter;
 GRANT EXECUTE ON FUNCTION ep_status(), ep.worker_processes() TO m_exporter;
 SQL
 status=0

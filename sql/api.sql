@@ -46,7 +46,12 @@ SELECT p.name,
        CASE WHEN r.status = 'running' AND r.events_done > 0 AND r.events_total > r.events_done
             THEN (clock_timestamp() - r.started_at) * ((r.events_total - r.events_done)::float8 / r.events_done) END
                                                   AS rebuild_eta,
-       r.error                                    AS rebuild_error,
+       -- Errors can quote the events they failed on: shown to the roles that act for the
+       -- projection, or that may read the registry's error column (a monitoring role may see
+       -- every projection without them: README, "Security").
+       CASE WHEN pg_catalog.pg_has_role(p.owner, 'USAGE')
+                 OR pg_catalog.has_column_privilege('ep.projections', 'last_error', 'SELECT')
+            THEN r.error END                      AS rebuild_error,
        CASE WHEN p.mode = 'async' THEN p.position END AS position,
        head.position                              AS head_position,
        CASE WHEN p.mode = 'async' THEN
@@ -61,7 +66,9 @@ SELECT p.name,
                  ORDER BY e.global_position LIMIT 1))::float8, 0) END AS lag_seconds,
        p.attempts,
        p.failing_position,
-       p.last_error,
+       CASE WHEN pg_catalog.pg_has_role(p.owner, 'USAGE')
+                 OR pg_catalog.has_column_privilege('ep.projections', 'last_error', 'SELECT')
+            THEN p.last_error END                 AS last_error,
        p.last_error_at,
        p.last_applied_at,
        p.replay_handler
@@ -72,10 +79,10 @@ LEFT JOIN LATERAL (
      WHERE r.projection_id = p.id
      ORDER BY (r.status IN ('queued', 'running')) DESC, r.id DESC
      LIMIT 1) r ON true
--- The view reads the catalog with its owner's rights; a role sees the projections it acts for
--- (their errors can quote the events they failed on), or all of them with SELECT on the registry.
+-- The view reads the catalog with its owner's rights; a role sees the projections it acts for, or
+-- all of them with SELECT on any column of the registry (their errors only as above).
 WHERE pg_catalog.pg_has_role(p.owner, 'USAGE')
-   OR pg_catalog.has_table_privilege('ep.projections', 'SELECT');
+   OR pg_catalog.has_any_column_privilege('ep.projections', 'SELECT');
 COMMENT ON VIEW ep.projection_status IS
   'One row per projection the current role acts for: mode, status, the current (or last) rebuild with progress and an estimate of the time left, async lag, and the last error.';
 
@@ -104,7 +111,7 @@ SELECT s.name                                   AS subscription,
 FROM ep.subscriptions s
 JOIN ep.subscription_members m ON m.subscription = s.name
 WHERE pg_catalog.pg_has_role(s.owner, 'USAGE')
-   OR pg_catalog.has_table_privilege('ep.subscriptions', 'SELECT');
+   OR pg_catalog.has_any_column_privilege('ep.subscriptions', 'SELECT');
 COMMENT ON VIEW ep.subscription_status IS
   'One row per member of each subscription the current role acts for: acknowledged position, last delivered event, lag in events and seconds, last poll and ack.';
 

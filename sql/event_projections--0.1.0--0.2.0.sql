@@ -64,7 +64,12 @@ SELECT p.name,
        CASE WHEN r.status = 'running' AND r.events_done > 0 AND r.events_total > r.events_done
             THEN (clock_timestamp() - r.started_at) * ((r.events_total - r.events_done)::float8 / r.events_done) END
                                                   AS rebuild_eta,
-       r.error                                    AS rebuild_error,
+       -- Errors can quote the events they failed on: shown to the roles that act for the
+       -- projection, or that may read the registry's error column (a monitoring role may see
+       -- every projection without them: README, "Security").
+       CASE WHEN pg_catalog.pg_has_role(p.owner, 'USAGE')
+                 OR pg_catalog.has_column_privilege('ep.projections', 'last_error', 'SELECT')
+            THEN r.error END                      AS rebuild_error,
        CASE WHEN p.mode = 'async' THEN p.position END AS position,
        head.position                              AS head_position,
        CASE WHEN p.mode = 'async' THEN
@@ -79,7 +84,9 @@ SELECT p.name,
                  ORDER BY e.global_position LIMIT 1))::float8, 0) END AS lag_seconds,
        p.attempts,
        p.failing_position,
-       p.last_error,
+       CASE WHEN pg_catalog.pg_has_role(p.owner, 'USAGE')
+                 OR pg_catalog.has_column_privilege('ep.projections', 'last_error', 'SELECT')
+            THEN p.last_error END                 AS last_error,
        p.last_error_at,
        p.last_applied_at,
        p.replay_handler
@@ -90,10 +97,36 @@ LEFT JOIN LATERAL (
      WHERE r.projection_id = p.id
      ORDER BY (r.status IN ('queued', 'running')) DESC, r.id DESC
      LIMIT 1) r ON true
--- The view reads the catalog with its owner's rights; a role sees the projections it acts for
--- (their errors can quote the events they failed on), or all of them with SELECT on the registry.
+-- The view reads the catalog with its owner's rights; a role sees the projections it acts for, or
+-- all of them with SELECT on any column of the registry (their errors only as above).
 WHERE pg_catalog.pg_has_role(p.owner, 'USAGE')
-   OR pg_catalog.has_table_privilege('ep.projections', 'SELECT');
+   OR pg_catalog.has_any_column_privilege('ep.projections', 'SELECT');
+
+-- Monitoring roles may see every subscription with a column privilege (README, "Security").
+CREATE OR REPLACE VIEW ep.subscription_status WITH (security_barrier) AS
+SELECT s.name                                   AS subscription,
+       m.member,
+       s.members,
+       s.event_types,
+       s.owner,
+       m.position,
+       m.delivered,
+       (SELECT count(*) FROM ep.events e
+         WHERE e.global_position > m.position
+           AND (s.event_types IS NULL OR e.event_type = ANY (s.event_types))
+           AND (pg_catalog.hashtextextended(e.stream_id, 0) & 9223372036854775807) % s.members = m.member) AS lag_events,
+       COALESCE(extract(epoch FROM clock_timestamp() -
+           (SELECT e.created_at FROM ep.events e
+             WHERE e.global_position > m.position
+               AND (s.event_types IS NULL OR e.event_type = ANY (s.event_types))
+               AND (pg_catalog.hashtextextended(e.stream_id, 0) & 9223372036854775807) % s.members = m.member
+             ORDER BY e.global_position LIMIT 1))::float8, 0) AS lag_seconds,
+       m.last_poll_at,
+       m.last_ack_at
+FROM ep.subscriptions s
+JOIN ep.subscription_members m ON m.subscription = s.name
+WHERE pg_catalog.pg_has_role(s.owner, 'USAGE')
+   OR pg_catalog.has_any_column_privilege('ep.subscriptions', 'SELECT');
 
 CREATE OR REPLACE FUNCTION ep.guard_dependencies() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
@@ -138,7 +171,9 @@ CREATE TRIGGER projections_updated AFTER UPDATE ON ep.projections FOR EACH ROW
           OR OLD.id IS DISTINCT FROM NEW.id OR OLD.replay_handler IS DISTINCT FROM NEW.replay_handler)
     EXECUTE FUNCTION ep.projections_changed();
 
--- ep_register_projection gains its sixth argument: a new function, with the old one's grants.
+-- ep_register_projection gains its sixth argument: a new function. Privileges granted in an
+-- extension script become the extension's own (pg_init_privs: pg_dump would no longer dump them),
+-- so the old function's grants are not copied here: the script names them, for the DBA to run.
 CREATE  FUNCTION "ep_register_projection"(
 	"name" TEXT, /* Option < & str > */
 	"handler" regprocedure, /* Option < RegProcedure > */
@@ -153,17 +188,20 @@ AS 'MODULE_PATHNAME', 'ep_register_projection_v2_wrapper';
 REVOKE ALL ON FUNCTION ep_register_projection(text, regprocedure, text, text[], text, regprocedure) FROM PUBLIC;
 DO $$
 DECLARE
-    a record;
+    grants text;
 BEGIN
-    FOR a IN SELECT g.privilege_type, g.grantee, g.is_grantable
-               FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) g
-              WHERE p.oid = 'ep_register_projection(text, regprocedure, text, text[], text)'::pg_catalog.regprocedure
-                AND g.grantee OPERATOR(pg_catalog.<>) p.proowner LOOP
-        EXECUTE pg_catalog.format('GRANT %s ON FUNCTION ep_register_projection(text, regprocedure, text, text[], text, regprocedure) TO %s%s',
-            a.privilege_type,
-            CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END,
-            CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
-    END LOOP;
+    SELECT pg_catalog.string_agg(pg_catalog.format('GRANT %s ON FUNCTION ep_register_projection(text, regprocedure, text, text[], text, regprocedure) TO %s%s;',
+               g.privilege_type,
+               CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END,
+               CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END), ' ')
+      INTO grants
+      FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) g
+     WHERE p.oid = 'ep_register_projection(text, regprocedure, text, text[], text)'::pg_catalog.regprocedure
+       AND g.grantee OPERATOR(pg_catalog.<>) p.proowner;
+    IF grants IS NOT NULL THEN
+        RAISE WARNING 'ep_register_projection has a new signature in 0.2.0; its grants are not carried over'
+            USING HINT = 'Run: ' || grants;
+    END IF;
 END $$;
 DROP FUNCTION ep_register_projection(text, regprocedure, text, text[], text);
 

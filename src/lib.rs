@@ -61,6 +61,7 @@ pub extern "C-unwind" fn _PG_init() {
     if preloaded {
         handoff::inflight::install_hooks();
         worker::pool::init();
+        worker::release::install_hook();
         worker::register();
     }
 }

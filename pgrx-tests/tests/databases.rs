@@ -200,6 +200,159 @@ fn monitoring_needs_its_grants() {
     let doc: serde_json::Value = m.query_one("SELECT ep_status()", &[]).unwrap().get(0);
     assert_eq!(doc["projections"], json!([]), "m_watch acts for no projection: {doc}");
     m.query("SELECT * FROM ep.workers", &[]).unwrap();
+    // The README's monitoring grants: every projection, never its error (which can quote events).
+    c.batch_execute(
+        "CREATE FUNCTION w_asy.leaky(e ep.events) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'card %', e.data ->> 'card'; END $$;
+         SELECT ep_register_projection('leaky', 'w_asy.leaky(ep.events)', 'async', NULL, 'w_asy');
+         SELECT ep_append('pay', 'Paid', '{\"card\": \"4111-1111\"}');
+         GRANT SELECT (id, name) ON ep.projections TO m_watch;
+         GRANT SELECT (name) ON ep.subscriptions TO m_watch;",
+    )
+    .unwrap();
+    let failed = wait_until(Duration::from_secs(20), || {
+        Ok(c.query_one("SELECT last_error IS NOT NULL FROM ep.projections WHERE name = 'leaky'", &[])?
+            .get::<_, bool>(0))
+    });
+    assert!(failed.unwrap(), "the leaky projection never failed");
+    let doc: serde_json::Value = m.query_one("SELECT ep_status()", &[]).unwrap().get(0);
+    assert_eq!(doc["projections"].as_array().map(|a| a.len()), Some(2), "{doc}");
+    assert!(!doc.to_string().contains("4111"), "an event's data reached the monitoring role: {doc}");
+    let seen: i64 =
+        m.query_one("SELECT count(*) FROM ep.projection_status WHERE last_error IS NOT NULL", &[]).unwrap().get(0);
+    assert_eq!(seen, 0, "the status view shows errors to the monitoring role");
     drop(m);
     c.batch_execute("DROP OWNED BY m_watch; DROP ROLE m_watch;").unwrap_or_default();
+}
+
+/// Looking at databases never takes a slot from a served one: while twenty new databases without
+/// the extension are probed, the one worker of a served database keeps running, the same process.
+#[test]
+fn probes_never_take_a_serving_slot() {
+    // Enough slots for every database with the extension here (this one and the served `ep`), so
+    // that no rotation moves the worker: only a probe could.
+    let _all = AllDatabases::on(4);
+    let db = TestDb::new("probe_served");
+    let mut c = db.connect();
+    create_async_counts(&mut c, "asy", "w_asy");
+    assert!(wait_for_workers(&mut c, &db.name, 1, Duration::from_secs(20)));
+    let pid = |c: &mut postgres::Client| -> Option<i32> {
+        c.query_one("SELECT max(pid) FROM ep.workers WHERE database = current_database() AND slot <= 16", &[])
+            .ok()
+            .and_then(|r| r.get(0))
+    };
+    let first = pid(&mut c);
+    assert!(first.is_some());
+    let others: Vec<TestDb> = (0..20).map(|i| TestDb::empty(&format!("probe_other_{i}"))).collect();
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        assert_eq!(pid(&mut c), first, "the served database's worker was replaced while others were probed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let p = append(&mut c, "s", "T", &json!({}), None).unwrap();
+    assert!(wait_for(&mut c, "asy", p, "10 s"));
+    drop(others);
+}
+
+/// A launcher that is terminated is restarted by the postmaster, and the new one ends the workers
+/// the old one started before it starts its own: never more than max_workers serve, and the
+/// database is served again.
+#[test]
+fn a_restarted_launcher_takes_over() {
+    let _all = AllDatabases::on(2);
+    let db = TestDb::new("launcher_restart");
+    let mut c = db.connect();
+    create_async_counts(&mut c, "asy", "w_asy");
+    assert!(wait_for_workers(&mut c, &db.name, 1, Duration::from_secs(20)));
+    // Worker processes of every database, the probe's included (at most one more).
+    let serving = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'event_projections worker'", &[])
+            .unwrap()
+            .get(0)
+    };
+    for round in 0..2 {
+        let old: i32 = c
+            .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'event_projections launcher'", &[])
+            .unwrap()
+            .get(0);
+        c.execute("SELECT pg_terminate_backend($1)", &[&old]).unwrap();
+        let back = wait_until(Duration::from_secs(30), || {
+            Ok(c.query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'event_projections launcher' AND pid <> $1",
+                &[&old],
+            )?
+            .is_some())
+        });
+        assert!(back.unwrap(), "round {round}: no new launcher");
+        let settled = wait_until(Duration::from_secs(20), || Ok(serving(&mut c) <= 3));
+        assert!(settled.unwrap(), "round {round}: {} workers with max_workers = 2", serving(&mut c));
+        let p = append(&mut c, "s", "T", &json!({ "round": round }), None).unwrap();
+        assert!(wait_for(&mut c, "asy", p, "30 s"), "round {round}: not served after the launcher's restart");
+        assert!(
+            serving(&mut c) <= 3,
+            "round {round}: {} workers with max_workers = 2 (and the probe)",
+            serving(&mut c)
+        );
+    }
+    assert_counts_match_log(&mut c, "w_asy");
+}
+
+/// A database's owner, not a superuser, can drop, rename and copy their database while the
+/// workers serve it (they run as the bootstrap superuser, so not even `WITH (FORCE)` could end
+/// them); another role's attempt leaves the workers where they are.
+#[test]
+fn a_database_owner_can_drop_a_served_database() {
+    let _all = AllDatabases::on(4);
+    let mut admin = connect("postgres");
+    // One statement per call: DROP DATABASE refuses a transaction block.
+    for sql in [
+        "DROP DATABASE IF EXISTS t_owned WITH (FORCE)",
+        "DROP DATABASE IF EXISTS t_owned2 WITH (FORCE)",
+        "DROP DATABASE IF EXISTS t_owned_copy WITH (FORCE)",
+        "DROP ROLE IF EXISTS db_owner",
+        "DROP ROLE IF EXISTS db_other",
+        "CREATE ROLE db_owner LOGIN CREATEDB",
+        "CREATE ROLE db_other LOGIN",
+    ] {
+        admin.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {}", show(&e)));
+    }
+    let as_role = |role: &str, db: &str| {
+        postgres::Client::connect(&format!("{} user={role}", conninfo(db)), postgres::NoTls).unwrap()
+    };
+    as_role("db_owner", "postgres").batch_execute("CREATE DATABASE t_owned").unwrap();
+    let served = || {
+        let mut c = connect("t_owned");
+        c.batch_execute("CREATE EXTENSION IF NOT EXISTS event_projections").unwrap();
+        if c.query_opt("SELECT 1 FROM ep.projections WHERE name = 'asy'", &[]).unwrap().is_none() {
+            create_async_counts(&mut c, "asy", "w_asy");
+        }
+        let p = append(&mut c, "s", "T", &json!({}), None).unwrap();
+        assert!(wait_for(&mut c, "asy", p, "20 s"), "t_owned is not served");
+    };
+    served();
+    // Someone else's DROP fails on its privileges and the worker stays.
+    let mut watch = connect("t_owned");
+    let before: i64 =
+        watch.query_one("SELECT count(*) FROM ep.workers WHERE database = 't_owned'", &[]).unwrap().get(0);
+    expect_sqlstate(
+        as_role("db_other", "postgres").batch_execute("DROP DATABASE t_owned"),
+        &postgres::error::SqlState::INSUFFICIENT_PRIVILEGE,
+        "another role's DROP DATABASE",
+    );
+    let after: i64 = watch.query_one("SELECT count(*) FROM ep.workers WHERE database = 't_owned'", &[]).unwrap().get(0);
+    assert!(after >= 1 && after >= before, "another role's DROP DATABASE sent the workers away ({before} -> {after})");
+    drop(watch);
+    // The owner copies it, renames it and drops it, each while it is served.
+    let mut owner = as_role("db_owner", "postgres");
+    owner
+        .batch_execute("CREATE DATABASE t_owned_copy TEMPLATE t_owned")
+        .unwrap_or_else(|e| panic!("copy: {}", show(&e)));
+    owner.batch_execute("DROP DATABASE t_owned_copy").unwrap();
+    served();
+    owner.batch_execute("ALTER DATABASE t_owned RENAME TO t_owned2").unwrap_or_else(|e| panic!("rename: {}", show(&e)));
+    owner.batch_execute("ALTER DATABASE t_owned2 RENAME TO t_owned").unwrap();
+    served();
+    owner.batch_execute("DROP DATABASE t_owned").unwrap_or_else(|e| panic!("drop: {}", show(&e)));
+    admin.batch_execute("DROP ROLE db_owner").unwrap();
+    admin.batch_execute("DROP ROLE db_other").unwrap();
 }

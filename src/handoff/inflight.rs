@@ -44,6 +44,11 @@ struct WorkerSlot {
     timed_out: AtomicU32,
     /// The database of `timed_out`.
     timed_out_database: AtomicU32,
+    /// The extension (pg_extension oid) of `timed_out`: a DROP and CREATE EXTENSION in between
+    /// restarts projection ids, and the note is then about none of the new ones.
+    timed_out_extension: AtomicU32,
+    /// The extension this slot's worker serves (for `note_timed_out`, in a signal handler).
+    extension: AtomicU32,
 }
 
 #[repr(C)]
@@ -405,6 +410,8 @@ pub fn note_timed_out() {
     let (index, id) = (WORKER_INDEX.load(Ordering::SeqCst), WORKING_ON.load(Ordering::SeqCst));
     if let (Some(sh), Ok(index)) = (shared(), usize::try_from(index)) {
         if index < MAX_WORKERS && id > 0 {
+            let w = &sh.workers[index];
+            w.timed_out_extension.store(w.extension.load(Ordering::SeqCst), Ordering::SeqCst);
             sh.workers[index].timed_out_database.store(my_database(), Ordering::SeqCst);
             sh.workers[index].timed_out.store(id as u32 + 1, Ordering::SeqCst);
         }
@@ -413,13 +420,14 @@ pub fn note_timed_out() {
 
 /// The projection of this database whose user code ended a previous process in this slot, if
 /// any (and forgets it). A note for another database stays for that database's next worker.
-pub fn take_timed_out(index: usize) -> Option<i32> {
+pub fn take_timed_out(index: usize, extension: u32) -> Option<i32> {
     let w = shared()?.workers.get(index)?;
     if w.timed_out_database.load(Ordering::SeqCst) != my_database() {
         return None;
     }
     let v = w.timed_out.swap(0, Ordering::SeqCst);
-    (v > 0).then(|| (v - 1) as i32)
+    // A note from before the extension was dropped and created again names no projection now.
+    (v > 0 && w.timed_out_extension.load(Ordering::SeqCst) == extension).then(|| (v - 1) as i32)
 }
 
 /// The database a note of `take_timed_out` in slot `index` is for, if there is one (the launcher
@@ -471,12 +479,13 @@ pub fn require_worker() -> Result<(), NoWorker> {
     Ok(())
 }
 
-/// A worker process announces itself so that commits can wake it.
-pub fn register_worker(index: usize) {
+/// A worker process announces itself so that commits can wake it, with the extension it serves.
+pub fn register_worker(index: usize, extension: u32) {
     WORKER_INDEX.store(index as i32, Ordering::SeqCst);
     if let Some(sh) = shared() {
         if index < MAX_WORKERS {
             let w = &sh.workers[index];
+            w.extension.store(extension, Ordering::SeqCst);
             w.database.store(my_database(), Ordering::SeqCst);
             w.procno.store(my_procno() as u32 + 1, Ordering::SeqCst);
         }

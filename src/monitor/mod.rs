@@ -156,13 +156,18 @@ fn worker_rows(pool: &Pool, names: &[(i32, String)]) -> Vec<WorkerStatus> {
 }
 
 /// Ids and names of the projections the caller may see in `ep.projection_status`, when it may
-/// also read the registry (the view has no ids); otherwise none, and workers show only ids.
+/// also read those two columns of the registry (the view has no ids); otherwise none, and workers
+/// show only ids. Like every query here it runs with the caller's rights, so the caller's
+/// search_path can only mislead the caller; operators are named with their schema all the same.
 fn projection_names() -> Vec<(i32, String)> {
     let may_read = catalog::lookup().is_some()
-        && Spi::get_one::<bool>("SELECT pg_catalog.has_table_privilege('ep.projections', 'SELECT')")
-            .ok()
-            .flatten()
-            .unwrap_or(false);
+        && Spi::get_one::<bool>(
+            "SELECT pg_catalog.has_column_privilege('ep.projections', 'id', 'SELECT') \
+                AND pg_catalog.has_column_privilege('ep.projections', 'name', 'SELECT')",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
     if !may_read {
         return Vec::new();
     }
@@ -256,7 +261,9 @@ pub fn status() -> Status {
         extension_version: extension_version(),
         database: database_name(my_database()).unwrap_or_default(),
         preloaded: inflight::available(),
-        high_water: highwater::compute_for_reader(),
+        // The mark of the whole database, this session's own open appends included (as the
+        // in-flight position below counts them): what holds the workers back.
+        high_water: highwater::compute(),
         in_flight: InFlight {
             oldest_position: oldest.map(|o| o.0),
             oldest_since: oldest.and_then(|o| timestamp(o.1)),

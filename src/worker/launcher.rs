@@ -29,7 +29,7 @@ const RETRY: Duration = Duration::from_secs(5);
 /// How often a database found without the extension is looked at again, for an extension that
 /// arrived without CREATE EXTENSION of this version telling the launcher (an older version's
 /// install script, say).
-const RECHECK: Duration = Duration::from_secs(60);
+const RECHECK: Duration = Duration::from_secs(300);
 /// How long every worker must have been idle before the turn passes early.
 const IDLE_TURN: Duration = Duration::from_secs(1);
 
@@ -62,9 +62,11 @@ struct Database {
 }
 
 struct Launcher {
-    /// Per slot: the running process and the database it serves.
+    /// Per slot (the serving ones, then `pool::PROBE`): the running process and its database.
     running: Vec<Option<(DynamicBackgroundWorker, u32)>>,
     yielding: Vec<bool>,
+    /// Slots still held by processes an earlier launcher started (they end at their next round).
+    orphans: Vec<bool>,
     databases: BTreeMap<u32, Database>,
     probes_seen: u64,
     rotation: usize,
@@ -78,17 +80,22 @@ pub extern "C-unwind" fn ep_launcher_main(_arg: pg_sys::Datum) {
     super::install_signal_handlers();
     // No database: the launcher reads only the shared catalog pg_database.
     pgrx::bgworkers::BackgroundWorker::connect_worker_to_spi(None, None);
-    pool::launcher_started();
+    let held = pool::launcher_started();
     let mut l = Launcher {
-        running: (0..MAX_WORKERS).map(|_| None).collect(),
-        yielding: vec![false; MAX_WORKERS],
+        running: (0..=MAX_WORKERS).map(|_| None).collect(),
+        yielding: vec![false; MAX_WORKERS + 1],
+        orphans: (0..=MAX_WORKERS).map(|i| held.contains(&i)).collect(),
         databases: BTreeMap::new(),
         probes_seen: 0,
         rotation: 0,
         rotated_at: Instant::now(),
         start_failed_logged: false,
     };
-    log!("event_projections launcher started");
+    if !held.is_empty() {
+        log!("event_projections launcher started; {} worker(s) of the previous launcher are asked to end", held.len());
+    } else {
+        log!("event_projections launcher started");
+    }
     loop {
         pgrx::check_for_interrupts!();
         super::reload_config_if_asked();
@@ -96,6 +103,7 @@ pub extern "C-unwind" fn ep_launcher_main(_arg: pg_sys::Datum) {
         l.reap();
         l.refresh_databases();
         l.balance();
+        l.probe();
         crate::pg::backend::wait_latch(settings::naptime_ms() as i64);
     }
 }
@@ -104,7 +112,11 @@ impl Launcher {
     /// Empties the slots whose process ended and learns what the workers found.
     fn reap(&mut self) {
         let now = Instant::now();
-        for i in 0..MAX_WORKERS {
+        for i in 0..=MAX_WORKERS {
+            if self.orphans[i] && pool::orphan_gone(i, 10_000_000) {
+                self.orphans[i] = false;
+                pool::release(i);
+            }
             let Some((handle, db)) = &self.running[i] else { continue };
             let db = *db;
             let ended =
@@ -114,15 +126,39 @@ impl Launcher {
                 self.yielding[i] = false;
                 pool::release(i)
             } else {
-                pool::snapshot().map(|p| p.slots[i].verdict).unwrap_or_default()
+                pool::verdict(i)
             };
             let Some(d) = self.databases.get_mut(&db) else { continue };
             match verdict {
                 Verdict::Serving => d.known = Known::HasExtension,
-                Verdict::NoExtension => (d.known, d.learnt) = (Known::NoExtension, now),
+                // Only from an ended process (it ends right after saying so), and not stale.
+                Verdict::NoExtension if ended => (d.known, d.learnt) = (Known::NoExtension, now),
+                Verdict::NoExtension => {}
                 Verdict::Unknown if ended => d.not_before = now + RETRY,
                 Verdict::Unknown => {}
             }
+        }
+    }
+
+    /// Starts the probe for the database not looked at for longest, if it is free.
+    fn probe(&mut self) {
+        if self.running[pool::PROBE].is_some() || self.orphans[pool::PROBE] {
+            return;
+        }
+        let now = Instant::now();
+        let hint = pool::snapshot().map(|p| p.probe_hint).unwrap_or(0);
+        // The database that just ran CREATE EXTENSION first, then the one not looked at longest.
+        let next = self
+            .databases
+            .iter()
+            .filter(|(oid, d)| d.known == Known::Unknown && d.not_before <= now && !pool::is_released(**oid))
+            .min_by_key(|(oid, d)| (**oid != hint, d.learnt))
+            .map(|(oid, _)| *oid);
+        if let Some(oid) = next {
+            if let Some(d) = self.databases.get_mut(&oid) {
+                d.learnt = now; // the others come first next time, whatever this one finds
+            }
+            self.start(pool::PROBE, oid);
         }
     }
 
@@ -147,15 +183,10 @@ impl Launcher {
     /// Asks surplus workers to end and starts the missing ones.
     fn balance(&mut self) {
         let max = settings::max_workers().min(MAX_WORKERS);
-        let wanting: Vec<(u32, usize)> = self
-            .databases
-            .iter()
-            .filter_map(|(oid, d)| match d.known {
-                Known::Unknown => Some((*oid, 1)),
-                Known::HasExtension => Some((*oid, max)),
-                Known::NoExtension => None,
-            })
-            .collect();
+        // Only databases known to have the extension share the slots; the others are looked at
+        // by the probe, outside them.
+        let wanting: Vec<(u32, usize)> =
+            self.databases.iter().filter(|(_, d)| d.known == Known::HasExtension).map(|(oid, _)| (*oid, max)).collect();
         // With more databases than slots the turn passes every ROTATION, or sooner once every
         // worker has found nothing to do for a while (an idle database should not keep a slot
         // that another one may need).
@@ -177,7 +208,8 @@ impl Launcher {
             for &i in mine.iter().skip(share) {
                 self.ask_to_yield(i);
             }
-            let ready = self.databases.get(&oid).is_some_and(|d| d.not_before <= Instant::now());
+            let ready =
+                self.databases.get(&oid).is_some_and(|d| d.not_before <= Instant::now()) && !pool::is_released(oid);
             for _ in mine.len()..share {
                 if !ready {
                     break;
@@ -219,7 +251,7 @@ impl Launcher {
     /// workers (a projection that ran past the handler timeout) and avoiding those with a note
     /// for another database.
     fn free_slot(&self, oid: u32, max: usize) -> Option<usize> {
-        (0..max).filter(|i| self.running[*i].is_none()).min_by_key(|i| {
+        (0..max).filter(|i| self.running[*i].is_none() && !self.orphans[*i]).min_by_key(|i| {
             match crate::handoff::inflight::timed_out_database(*i) {
                 Some(db) if db == oid => 0,
                 None => 1,
@@ -251,7 +283,7 @@ impl Launcher {
             Err(_) => {
                 pool::release(i);
                 if !self.start_failed_logged {
-                    warning!("event_projections launcher: could not start a worker; raise max_worker_processes (it must leave room for event_projections.max_workers + 1)");
+                    warning!("event_projections launcher: could not start a worker; raise max_worker_processes (it must leave room for event_projections.max_workers + 2: the workers, the launcher and its probe)");
                     self.start_failed_logged = true;
                 }
             }

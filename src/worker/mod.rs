@@ -11,6 +11,7 @@
 pub mod delivery;
 pub mod launcher;
 pub mod pool;
+pub mod release;
 
 use crate::handoff;
 use crate::handoff::inflight;
@@ -119,14 +120,20 @@ pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
     set_session_setting(c"search_path", c"pg_catalog, pg_temp");
     crate::sandbox::init_worker_timeouts();
 
-    let installed = in_transaction("event_projections: looking for the extension", || catalog::lookup().is_some());
-    if installed != Ok(true) {
+    let installed = in_transaction("event_projections: looking for the extension", || {
+        // SAFETY: a syscache lookup by name, missing_ok, in a transaction.
+        catalog::lookup().map(|_| unsafe { pg_sys::get_extension_oid(c"event_projections".as_ptr(), true) }.to_u32())
+    });
+    let Ok(Some(extension)) = installed else {
         pool::set_verdict(index, Verdict::NoExtension);
         return;
-    }
+    };
     pool::set_verdict(index, Verdict::Serving);
-    let timed_out = inflight::take_timed_out(index);
-    inflight::register_worker(index);
+    if index == pool::PROBE {
+        return; // the probe only looks; the launcher starts the serving workers
+    }
+    let timed_out = inflight::take_timed_out(index, extension);
+    inflight::register_worker(index, extension);
     if let Some(id) = timed_out {
         let message = format!(
             "its code ran longer than event_projections.handler_timeout ({} ms) and went on after being cancelled, so the worker process was ended",
@@ -159,7 +166,7 @@ pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
             pg_sys::MemoryContextSwitchTo(worker_cxt);
             pg_sys::MemoryContextReset(worker_cxt);
         }
-        if pool::report(index, Doing::Idle, 0) {
+        if pool::report(index, Doing::Idle, 0).1 {
             // The launcher wants the slot for another database; no lock is held between rounds.
             inflight::unregister_worker(index);
             return;
@@ -289,6 +296,10 @@ fn run_round(index: usize, rotate: usize) -> Option<bool> {
     let work = candidates(rotate)?;
     inflight::want_wakeups(index, !work.is_empty());
     for p in work {
+        // Asked to end: the round stops between projections (the caller ends the process).
+        if pool::report(index, Doing::Idle, 0).1 {
+            break;
+        }
         let owned = in_transaction("event_projections: claiming", || handoff::try_own(p.id as u32)).unwrap_or(false);
         if !owned {
             continue;
@@ -308,7 +319,10 @@ fn work_on(index: usize, id: i32, mode: ProjectionMode) -> bool {
         ProjectionMode::Async => Doing::Delivering,
     };
     while slice.elapsed() < Duration::from_millis(200) {
-        pool::report(index, doing, id);
+        let (before, end) = pool::report(index, doing, id);
+        if end {
+            return busy;
+        }
         inflight::working_on(id);
         let outcome = in_transaction("event_projections: step", || step(id));
         inflight::working_on(0);
@@ -339,7 +353,11 @@ fn work_on(index: usize, id: i32, mode: ProjectionMode) -> bool {
                 crate::pg::backend::sleep_ms(5);
                 busy = true;
             }
-            Outcome::Idle => return busy,
+            Outcome::Idle => {
+                // Nothing to do: the slot says what it said before this look.
+                pool::restore(index, before);
+                return busy;
+            }
             Outcome::Failed { message, position, stop } => {
                 let _ = in_transaction("event_projections: recording a failure", || {
                     record_failure(id, &message, position, stop)
