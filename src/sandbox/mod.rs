@@ -89,7 +89,8 @@ pub fn split_path(path: &str) -> Option<Vec<String>> {
                 if c == ',' || c.is_whitespace() {
                     break;
                 }
-                item.extend(c.to_lowercase());
+                // PostgreSQL folds only ASCII letters of a bare identifier (UTF-8 databases).
+                item.push(c.to_ascii_lowercase());
                 chars.next();
             }
             // "$user" is written bare in the default path; keep it as PostgreSQL reads it.
@@ -378,6 +379,12 @@ mod tests {
         } else {
             quote_path_item(name)
         }
+    }
+
+    /// A bare element keeps its non-ASCII letters as they are, as PostgreSQL's parser does.
+    #[test]
+    fn bare_elements_fold_ascii_only() {
+        assert_eq!(split_path("Äbc, ABC"), Some(vec!["Äbc".to_string(), "abc".to_string()]));
     }
 
     proptest! {

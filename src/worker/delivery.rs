@@ -256,6 +256,15 @@ static COUNT: Stmt = Stmt {
     types: &[pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::TEXTARRAYOID],
 };
 
+static EVENT_AT: Stmt = Stmt { sql: "SELECT 1 FROM ep.events WHERE global_position = $1", types: &[pg_sys::INT8OID] };
+
+/// Whether the event at `position` is visible here (on a standby: replayed).
+fn replayed(position: i64) -> bool {
+    crate::pg::catalog::read(|| {
+        Spi::connect(|client| !spi::exec(client, &EVENT_AT, &[spi::int8(position)], Snap::Latest, 0).is_empty())
+    })
+}
+
 fn replay_count(p: &Projection, from: i64, to: i64) -> i64 {
     crate::pg::catalog::read(|| {
         Spi::connect(|client| {
@@ -382,10 +391,16 @@ pub fn wait_for(
     let micros = crate::pg::backend::interval_micros(&timeout)
         .map_err(|problem| ArgError::Invalid { arg: "timeout", problem })?;
     let start = std::time::Instant::now();
+    // SAFETY: a plain read of shared state: whether this server is a standby still replaying.
+    let standby = unsafe { pg_sys::RecoveryInProgress() };
     loop {
         let p = registry::by_name(name).ok_or_else(|| RegistryError::Unknown(name.into()))?;
         let reached = match p.mode {
-            ProjectionMode::Inline => p.is_active(),
+            // On the primary an inline projection has every committed event; a standby has them
+            // once it has replayed the commit of `position` (the model's writes were in the same
+            // transaction): read-your-writes for a client that appended on the primary.
+            ProjectionMode::Inline => p.is_active() && (!standby || replayed(position)),
+            // The checkpoint commits with the model's writes, on the primary and so on a standby.
             ProjectionMode::Async => p.position >= position && p.status != registry::Status::Rebuilding,
         };
         if reached {
