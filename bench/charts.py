@@ -127,7 +127,7 @@ def read_column(path, column):
 def lag_chart(outdir, path):
     series = [
         ("async projection: append commit to model commit", read_column(os.path.join(outdir, "lag.tsv"), "visible")),
-        ("ep_poll: append commit to the poll's return", poll_lags(os.path.join(outdir, "poll.tsv"))),
+        ("ep_poll: append commit to the poll's return", read_column(os.path.join(outdir, "poll.tsv"), "poll")),
     ]
     series = [(label, sorted(v)) for label, v in series if v]
     if not series:
@@ -147,22 +147,6 @@ def lag_chart(outdir, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def poll_lags(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        header = f.readline().split()
-        col = header.index("poll") if "poll" in header else 0
-        out = []
-        for line in f:
-            p = line.split()
-            try:
-                out.append(float(p[col]))
-            except (IndexError, ValueError):
-                pass
-        return out
 
 
 def main(outdir, chartdir):

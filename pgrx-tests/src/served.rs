@@ -108,6 +108,12 @@ pub fn create_gated_counts(c: &mut Client, schema: &str, gate: i64) {
     .unwrap_or_else(|e| panic!("{}", show(&e)));
 }
 
+/// `create_counts_model` and its handler registered as async projection `name`.
+pub fn create_async_counts(c: &mut Client, name: &str, schema: &str) {
+    create_counts_model(c, schema);
+    register(c, name, &format!("{schema}.count_event(ep.events)"), "async", schema);
+}
+
 pub fn register(c: &mut Client, name: &str, handler: &str, mode: &str, schema: &str) {
     c.execute(
         "SELECT ep_register_projection($1, $2::text::regprocedure, $3, NULL, $4)",

@@ -7,11 +7,6 @@ use ep_connection_tests::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-fn create_async_counts(c: &mut postgres::Client, name: &str, schema: &str) {
-    create_counts_model(c, schema);
-    register(c, name, &format!("{schema}.count_event(ep.events)"), "async", schema);
-}
-
 fn last_position(c: &mut postgres::Client) -> i64 {
     c.query_one("SELECT coalesce(max(global_position), 0) FROM ep.events", &[]).unwrap().get(0)
 }

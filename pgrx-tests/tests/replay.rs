@@ -16,9 +16,17 @@ use std::time::Duration;
 fn create_replayable_counts(c: &mut Client, schema: &str) {
     create_counts_model(c, schema);
     c.batch_execute(&format!(
+        "CREATE TABLE {schema}.calls (after_position bigint, up_to_position bigint, run_as name, path text)"
+    ))
+    .unwrap_or_else(|e| panic!("creating {schema}.calls: {}", show(&e)));
+    define_replay(c, schema);
+}
+
+/// (Re)defines `<schema>.replay`, the working replay handler of `create_replayable_counts`.
+fn define_replay(c: &mut Client, schema: &str) {
+    c.batch_execute(&format!(
         r#"
-CREATE TABLE {schema}.calls (after_position bigint, up_to_position bigint, run_as name, path text);
-CREATE FUNCTION {schema}.replay(after_position bigint, up_to_position bigint) RETURNS void
+CREATE OR REPLACE FUNCTION {schema}.replay(after_position bigint, up_to_position bigint) RETURNS void
 LANGUAGE plpgsql AS $f$
 BEGIN
     INSERT INTO calls VALUES (after_position, up_to_position, current_user, current_setting('search_path'));
@@ -269,4 +277,33 @@ fn replay_handlers_are_checked() {
         "dropping a registered replay handler",
     );
     c.batch_execute("SELECT ep_unregister_projection('ck')").unwrap();
+}
+
+/// A replay handler that failed in a registration rolled back in the same session is used again
+/// in that session once its definition is fixed: the process's note of the failure (which makes it
+/// replay event by event past the failed range) is tied to the function's definition, and does not
+/// keep a fixed handler from running.
+#[test]
+fn a_fixed_replay_handler_runs_again_in_the_same_session() {
+    let db = TestDb::new("replay_fixed");
+    let mut c = db.connect();
+    fill(&mut c, 3000, 7);
+    create_replayable_counts(&mut c, "w_fx");
+    c.batch_execute(
+        "CREATE OR REPLACE FUNCTION w_fx.replay(after_position bigint, up_to_position bigint) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'broken replay handler'; END $$",
+    )
+    .unwrap();
+    let mut tx = c.transaction().unwrap();
+    tx.execute(
+        "SELECT ep_register_projection('fx', 'w_fx.count_event(ep.events)', 'inline', NULL, 'w_fx', 'w_fx.replay(bigint, bigint)')",
+        &[],
+    )
+    .unwrap();
+    assert_counts_match_log(&mut tx, "w_fx"); // built event by event after the replay handler failed
+    tx.rollback().unwrap();
+    define_replay(&mut c, "w_fx");
+    register_replayable(&mut c, "fx", "inline", "w_fx");
+    assert_counts_match_log(&mut c, "w_fx");
+    assert!(replay_calls(&mut c, "w_fx") >= 1, "the fixed replay handler was not used in the same session");
 }

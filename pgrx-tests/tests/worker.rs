@@ -261,11 +261,6 @@ fn rebuilds_and_registration_under_concurrent_writers() {
 // ------------------------------------------------------------------------------------------------
 // Async projections
 
-fn create_async_counts(c: &mut Client, name: &str, schema: &str) {
-    create_counts_model(c, schema);
-    register(c, name, &format!("{schema}.count_event(ep.events)"), "async", schema);
-}
-
 /// A transaction holds position p1 open while a later append commits: the projection must not
 /// pass p1; after p1 commits both arrive, in order. With a rollback instead, delivery continues.
 #[test]

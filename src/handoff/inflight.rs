@@ -95,11 +95,7 @@ fn take(flag: &'static std::thread::LocalKey<Cell<bool>>) -> bool {
     flag.with(|c| c.replace(false))
 }
 
-/// This backend's database.
-fn my_database() -> u32 {
-    // SAFETY: a plain read of a global PostgreSQL sets once, at connection.
-    unsafe { pg_sys::MyDatabaseId }.to_u32()
-}
+use crate::pg::backend::my_database;
 
 /// This backend's index into the PGPROC array.
 fn my_procno() -> usize {
@@ -469,10 +465,7 @@ pub fn require_worker() -> Result<(), NoWorker> {
     if served.is_empty() {
         return Ok(());
     }
-    // SAFETY: the name of this backend's database, palloc'd by get_database_name.
-    let here = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }
-        .to_string_lossy()
-        .into_owned();
+    let here = crate::pg::backend::database_name(my_database()).unwrap_or_default();
     if served != here {
         return Err(NoWorker::OtherDatabase { served });
     }

@@ -67,40 +67,27 @@ pub fn lock(object: u32, mode: Mode) {
 pub fn lock_patiently(object: u32, mode: Mode, timeout_ms: i32) {
     let mut pause_ms = 1;
     loop {
-        // SAFETY: an internal subtransaction begun and ended (released or rolled back) in this block,
-        // with the memory context and resource owner put back as PostgreSQL's own callers do
-        // (plpgsql's exception blocks); the error of a failed attempt is caught inside it.
-        let got = unsafe {
-            let cxt = pg_sys::CurrentMemoryContext;
-            let owner = pg_sys::CurrentResourceOwner;
-            pg_sys::BeginInternalSubTransaction(std::ptr::null());
-            pg_sys::MemoryContextSwitchTo(cxt);
-            let nest = pg_sys::NewGUCNestLevel();
+        // Each attempt in a subtransaction of its own: a timed-out one gives up only itself (and
+        // our place in the queue); a granted lock passes to the transaction.
+        let attempt = crate::pg::backend::in_subtransaction(|| {
+            // SAFETY: a GUC nest level of this subtransaction, undone before it is released (on
+            // an error, its rollback undoes it).
+            let nest = unsafe { pg_sys::NewGUCNestLevel() };
             set_local_lock_timeout(timeout_ms);
-            let got = PgTryBuilder::new(|| {
-                lock(object, mode);
-                true
-            })
-            .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| false)
-            .catch_others(|e| {
-                // Any other error (a cancel, a statement timeout, a deadlock) ends the wait: the
-                // internal subtransaction is rolled back before the error goes on, as a PL/pgSQL
-                // exception block does, or the session would be left inside it.
-                pg_sys::RollbackAndReleaseCurrentSubTransaction();
-                pg_sys::MemoryContextSwitchTo(cxt);
-                pg_sys::CurrentResourceOwner = owner;
-                e.rethrow()
-            })
-            .execute();
-            if got {
-                pg_sys::AtEOXact_GUC(true, nest);
-                pg_sys::ReleaseCurrentSubTransaction(); // the lock passes to the parent
-            } else {
-                pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            lock(object, mode);
+            // SAFETY: closes the nest level opened above, keeping nothing of it.
+            unsafe { pg_sys::AtEOXact_GUC(true, nest) };
+        });
+        let got = match attempt {
+            Ok(()) => true,
+            Err(e)
+                if crate::pg::error::caught_report(&e).sql_error_code()
+                    == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE =>
+            {
+                false
             }
-            pg_sys::MemoryContextSwitchTo(cxt);
-            pg_sys::CurrentResourceOwner = owner;
-            got
+            // Any other error (a cancel, a statement timeout, a deadlock) ends the wait.
+            Err(e) => (*e).rethrow(),
         };
         if got {
             return;

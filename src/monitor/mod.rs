@@ -7,6 +7,7 @@
 //! `ep.subscription_status` show it. Positions and worker states come from shared memory.
 
 use crate::handoff::{highwater, inflight};
+use crate::pg::backend::{database_name, my_database};
 use crate::pg::catalog;
 use crate::worker::pool::{self, Pool};
 use pgrx::prelude::*;
@@ -114,18 +115,6 @@ fn age_seconds(ts: i64) -> f64 {
     (now - ts) as f64 / 1e6
 }
 
-fn database_name(oid: u32) -> Option<String> {
-    // SAFETY: get_database_name reads the shared catalog pg_database; NULL for a dropped database.
-    let p = unsafe { pgrx::pg_sys::get_database_name(pgrx::pg_sys::Oid::from(oid)) };
-    // SAFETY: a palloc'd NUL-terminated name when not NULL.
-    (!p.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
-}
-
-fn my_database() -> u32 {
-    // SAFETY: a plain read of a global set at connection.
-    unsafe { pgrx::pg_sys::MyDatabaseId }.to_u32()
-}
-
 /// The worker processes of every database (the `ep.workers` view), with this database's projection
 /// names resolved.
 pub fn workers() -> Vec<WorkerStatus> {
@@ -144,7 +133,7 @@ fn worker_rows(pool: &Pool, names: &[(i32, String)]) -> Vec<WorkerStatus> {
             slot: i as i32 + 1,
             pid: (s.pid != 0).then_some(s.pid),
             database: database_name(s.database),
-            doing: s.doing.as_sql(),
+            doing: s.doing.as_str(),
             projection_id: (s.projection != 0).then_some(s.projection),
             projection: (s.database == here && s.projection != 0)
                 .then(|| names.iter().find(|(id, _)| *id == s.projection).map(|(_, n)| n.clone()))

@@ -68,13 +68,14 @@ pub fn interval_micros(i: &pgrx::datum::Interval) -> Result<i64, String> {
     }
 }
 
-/// Runs `f` in an internal subtransaction. An error rolls the subtransaction back (what `f` did is
-/// undone, the session is left as before) and comes back as its message; query cancels and
-/// shutdowns are raised again, after the rollback.
-pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    // SAFETY: the internal-subtransaction protocol of PL/pgSQL's exception blocks: begin, run,
-    // then release or roll back, restoring the memory context and resource owner of the caller on
-    // every path.
+/// Runs `f` in an internal subtransaction, as PL/pgSQL's exception blocks do: released when `f`
+/// returns (its locks and writes pass to the transaction), rolled back when it raises (what `f`
+/// did is undone, the session is left as before), and then the error is the caller's to handle
+/// or raise again (`CaughtError::rethrow`). The memory context and resource owner of the caller
+/// are put back on both paths.
+pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, Box<pg_sys::panic::CaughtError>> {
+    // SAFETY: the internal-subtransaction protocol: begin, run, then release or roll back (after
+    // the error was caught, as plpgsql does), restoring the caller's context and resource owner.
     unsafe {
         let cxt = pg_sys::CurrentMemoryContext;
         let owner = pg_sys::CurrentResourceOwner;
@@ -85,32 +86,31 @@ pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
             let f = f;
             Ok((f.0)())
         })
-        .catch_others(|e| {
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-            pg_sys::MemoryContextSwitchTo(cxt);
-            pg_sys::CurrentResourceOwner = owner;
-            let (code, message) = match &e {
-                pg_sys::panic::CaughtError::PostgresError(r)
-                | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                    (r.sql_error_code(), r.message().to_string())
-                }
-            };
-            if matches!(
-                code,
-                pgrx::PgSqlErrorCode::ERRCODE_QUERY_CANCELED | pgrx::PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN
-            ) || pg_sys::ProcDiePending != 0
-            {
-                e.rethrow();
-            }
-            Err(message)
-        })
+        .catch_others(|e| Err(Box::new(e)))
         .execute();
         if result.is_ok() {
             pg_sys::ReleaseCurrentSubTransaction();
-            pg_sys::MemoryContextSwitchTo(cxt);
-            pg_sys::CurrentResourceOwner = owner;
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
         }
+        pg_sys::MemoryContextSwitchTo(cxt);
+        pg_sys::CurrentResourceOwner = owner;
         result
+    }
+}
+
+/// This backend's database.
+pub fn my_database() -> u32 {
+    // SAFETY: a plain read of a global PostgreSQL sets once, at connection.
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+/// The name of database `oid` (None for one dropped meanwhile); needs a transaction.
+pub fn database_name(oid: u32) -> Option<String> {
+    // SAFETY: get_database_name reads the shared catalog pg_database and returns a palloc'd
+    // NUL-terminated name, or NULL when there is no such database; it is copied at once.
+    unsafe {
+        let p = pg_sys::get_database_name(pg_sys::Oid::from(oid));
+        (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
     }
 }

@@ -83,3 +83,11 @@ pub fn required_text<'a>(v: Option<&'a str>, arg: &'static str) -> Result<&'a st
         Some(s) => Ok(s),
     }
 }
+
+/// The error report of a caught error, whichever way it was raised.
+pub fn caught_report(e: &pgrx::pg_sys::panic::CaughtError) -> &pgrx::pg_sys::panic::ErrorReportWithLevel {
+    use pgrx::pg_sys::panic::CaughtError;
+    match e {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => r,
+    }
+}

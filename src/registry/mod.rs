@@ -12,14 +12,16 @@ use crate::sandbox::replay;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-/// Declares an enum whose variants stand for the SQL values of a status column, with the mapping
-/// in one place (the CHECK constraints of sql/schema.sql list the same values).
+/// Declares an enum whose variants stand for the SQL values of a status column (or of a view's,
+/// like `ep.workers.doing`), with the mapping in one place (the CHECK constraints of
+/// sql/schema.sql list the same values).
 macro_rules! sql_enum {
     ($(#[$doc:meta])* $name:ident { $($variant:ident = $sql:literal),+ $(,)? }) => {
         $(#[$doc])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum $name { $($variant),+ }
         impl $name {
+            #[allow(dead_code)] // not every value is read back from SQL
             pub fn parse(s: &str) -> Option<Self> {
                 match s { $($sql => Some($name::$variant),)+ _ => None }
             }
@@ -391,48 +393,48 @@ impl SqlError for RegistryError {
 /// Checks that `function` can be a handler run as `runner` (the projection's owner), returning
 /// whether it takes batches.
 pub fn validate_handler(cat: &Catalog, function: pg_sys::Oid, runner: pg_sys::Oid) -> Result<bool, RegistryError> {
-    let name = catalog::regprocedure_text(function);
-    let bad = |problem: &str| RegistryError::BadHandler { handler: name.clone(), problem: problem.into() };
-    let (args, ret, volatility, kind) = signature(function).ok_or_else(|| bad("it does not exist"))?;
-    if kind != b'f' {
-        return Err(bad("it is not a plain function"));
-    }
     // SAFETY: a syscache lookup by type OID.
     let events_array = unsafe { pg_sys::get_array_type(cat.events_type) };
-    let batch = match args.as_slice() {
-        [t] if *t == cat.events_type => false,
-        [t] if *t == events_array => true,
-        _ => return Err(bad("it must take exactly one argument of type ep.events or ep.events[]")),
-    };
-    if ret != pg_sys::VOIDOID {
-        return Err(bad("it must return void"));
-    }
-    if volatility != b'v' {
-        // A STABLE or IMMUTABLE function reads with the caller's snapshot, taken before the
-        // hand-off lock was granted, and may not write at all.
-        return Err(bad("it must be VOLATILE"));
-    }
-    refuse_temporary(function, &name)?;
-    check_function_owner(function, &name, runner)?;
-    if !catalog::may_execute(runner, function) {
-        return Err(RegistryError::NoExecute { handler: name });
-    }
-    Ok(batch)
+    validate_code(function, runner, |args, ret| {
+        let batch = match args {
+            [t] if *t == cat.events_type => false,
+            [t] if *t == events_array => true,
+            _ => return Err("it must take exactly one argument of type ep.events or ep.events[]"),
+        };
+        if ret != pg_sys::VOIDOID {
+            return Err("it must return void");
+        }
+        Ok(batch)
+    })
 }
 
-/// A replay handler is `(after_position bigint, up_to_position bigint) RETURNS void`, VOLATILE (so
-/// that each of its statements reads with a snapshot taken after the range was known to be
-/// complete), and otherwise held to the handler's rules.
+/// A replay handler is `(after_position bigint, up_to_position bigint) RETURNS void`, held to the
+/// handler's other rules (`validate_code`).
 pub fn validate_replay_handler(function: pg_sys::Oid, runner: pg_sys::Oid) -> Result<(), RegistryError> {
+    validate_code(function, runner, |args, ret| {
+        if args != [pg_sys::INT8OID, pg_sys::INT8OID] || ret != pg_sys::VOIDOID {
+            return Err("a replay handler takes (after_position bigint, up_to_position bigint) and returns void");
+        }
+        Ok(())
+    })
+}
+
+/// The rules for a projection's code that `runner` registers: a plain function of the shape
+/// `shape` accepts (given its argument types and result type), VOLATILE (a STABLE or IMMUTABLE
+/// function reads with the caller's snapshot, taken before the hand-off lock was granted, and may
+/// not write at all), not temporary, the runner's own, and executable by it.
+fn validate_code<R>(
+    function: pg_sys::Oid,
+    runner: pg_sys::Oid,
+    shape: impl FnOnce(&[pg_sys::Oid], pg_sys::Oid) -> Result<R, &'static str>,
+) -> Result<R, RegistryError> {
     let name = catalog::regprocedure_text(function);
     let bad = |problem: &str| RegistryError::BadHandler { handler: name.clone(), problem: problem.into() };
     let (args, ret, volatility, kind) = signature(function).ok_or_else(|| bad("it does not exist"))?;
     if kind != b'f' {
         return Err(bad("it is not a plain function"));
     }
-    if args != [pg_sys::INT8OID, pg_sys::INT8OID] || ret != pg_sys::VOIDOID {
-        return Err(bad("a replay handler takes (after_position bigint, up_to_position bigint) and returns void"));
-    }
+    let shaped = shape(&args, ret).map_err(bad)?;
     if volatility != b'v' {
         return Err(bad("it must be VOLATILE"));
     }
@@ -441,7 +443,7 @@ pub fn validate_replay_handler(function: pg_sys::Oid, runner: pg_sys::Oid) -> Re
     if !catalog::may_execute(runner, function) {
         return Err(RegistryError::NoExecute { handler: name });
     }
-    Ok(())
+    Ok(shaped)
 }
 
 /// A projection's code (handler, new handler, setup function) must be owned by the projection's

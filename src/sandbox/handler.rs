@@ -40,7 +40,7 @@ struct Cached {
 }
 
 /// The version of a function's pg_proc row: its xmin and its tuple id. None when there is none.
-fn proc_version(function: pg_sys::Oid) -> Option<(u32, u64)> {
+pub fn proc_version(function: pg_sys::Oid) -> Option<(u32, u64)> {
     // SAFETY: a syscache lookup; the tuple is only read before ReleaseSysCache.
     unsafe {
         let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as i32, function.into());
@@ -218,16 +218,9 @@ impl Handler {
         .execute();
         let Some(e) = result else { return };
         forget(function);
-        let (code, message, detail, hint) = match &e {
-            pg_sys::panic::CaughtError::PostgresError(r)
-            | pg_sys::panic::CaughtError::ErrorReport(r)
-            | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => (
-                r.sql_error_code(),
-                r.message().to_string(),
-                r.detail().map(str::to_string),
-                r.hint().map(str::to_string),
-            ),
-        };
+        let r = crate::pg::error::caught_report(&e);
+        let (code, message, detail, hint) =
+            (r.sql_error_code(), r.message().to_string(), r.detail().map(str::to_string), r.hint().map(str::to_string));
         if sandbox::take_timed_out() {
             let report = pg_sys::panic::ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_QUERY_CANCELED,

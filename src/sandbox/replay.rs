@@ -18,11 +18,22 @@ static RANGE: Stmt = Stmt {
     types: &[pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::TEXTARRAYOID, pg_sys::INT8OID, pg_sys::INT8ARRAYOID],
 };
 
+/// See `REPLAY_FAILED`.
+#[derive(Clone, Copy)]
+struct FailedRange {
+    replay: pg_sys::Oid,
+    version: (u32, u64),
+    until: i64,
+}
+
 thread_local! {
-    /// A replay handler that failed on a range, and where that range ended: up to there this
-    /// process applies event by event (each retry of the whole range would fail again, and cost
-    /// a read of all of it for every batch the per-event path gains).
-    static REPLAY_FAILED: std::cell::Cell<(pg_sys::Oid, i64)> = const { std::cell::Cell::new((pg_sys::Oid::INVALID, 0)) };
+    /// A replay handler (its OID and pg_proc row version) that failed on a range, and where that
+    /// range ended: up to there this process applies event by event (each retry of the whole
+    /// range would fail again, and cost a read of all of it for every batch the per-event path
+    /// gains). Only a speed hint: it decides which of two equivalent paths applies a range, never
+    /// what is applied, so it may outlive the transaction that set it; a new definition of the
+    /// function (CREATE OR REPLACE) is a new version and starts afresh.
+    static REPLAY_FAILED: std::cell::Cell<Option<FailedRange>> = const { std::cell::Cell::new(None) };
     /// Position of the event (first event of the batch) last handed to a handler: after an error,
     /// the event that failed.
     static ATTEMPTED: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
@@ -120,31 +131,41 @@ fn replay_applies(
     // SAFETY: a plain read of the transaction's isolation level.
     let read_committed = unsafe { pg_sys::XactIsoLevel } < pg_sys::XACT_REPEATABLE_READ as i32;
     let skips_inside = filter.skip.is_some_and(|s| s.iter().any(|p| *p > after && *p <= bound));
-    let failed = REPLAY_FAILED.with(|f| f.get());
-    handler.replay.filter(|r| read_committed && limit > 1 && !skips_inside && !(failed.0 == *r && after < failed.1))
+    let failed_here = |r: &pg_sys::Oid| {
+        REPLAY_FAILED.with(|f| f.get()).is_some_and(|f| {
+            f.replay == *r && after < f.until && crate::sandbox::handler::proc_version(*r) == Some(f.version)
+        })
+    };
+    handler.replay.filter(|r| read_committed && limit > 1 && !skips_inside && !failed_here(r))
 }
 
 /// The range `(after, bound]` through the replay handler, in one call. Progress counts the range's
 /// log positions, not its events: counting them would read the range once more, as long as the
-/// replay handler itself takes (DESIGN.md, section 13). When the replay handler fails,
-/// its work is rolled back and the range is applied again event by event, so that a failure names
+/// replay handler itself takes (DESIGN.md, section 13). None when the replay handler failed: its
+/// work is rolled back, and the caller applies the range event by event, so that a failure names
 /// its event (and async delivery retries exactly that one), as without a replay handler.
-fn apply_range(
-    handler: &Handler,
-    replay: pg_sys::Oid,
-    filter: Filter<'_>,
-    events_type: pg_sys::Oid,
-    (after, bound): (i64, i64),
-    (up_to, limit): (i64, i64),
-) -> Applied {
+fn apply_range(handler: &Handler, replay: pg_sys::Oid, (after, bound): (i64, i64), up_to: i64) -> Option<Applied> {
     ATTEMPTED.with(|c| c.set(after + 1));
-    if let Err(message) = crate::pg::backend::in_subtransaction(|| handler.call_range(replay, after, bound)) {
+    if let Err(e) = crate::pg::backend::in_subtransaction(|| handler.call_range(replay, after, bound)) {
+        let r = crate::pg::error::caught_report(&e);
+        // SAFETY: a plain read of an interrupt flag.
+        let dying = unsafe { pg_sys::ProcDiePending } != 0;
+        let interrupted = dying
+            || matches!(
+                r.sql_error_code(),
+                PgSqlErrorCode::ERRCODE_QUERY_CANCELED | PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN
+            );
+        let message = r.message().to_string();
+        // Cancels (the handler timeout) and shutdowns stay what they are.
+        if interrupted {
+            (*e).rethrow();
+        }
         warning!("{message}; applying the range event by event");
-        REPLAY_FAILED.with(|f| f.set((replay, bound)));
-        let per_event = Handler { replay: None, ..handler.clone() };
-        return apply(&per_event, filter, events_type, (after, up_to), limit, Snap::Fresh, None);
+        let version = crate::sandbox::handler::proc_version(replay).unwrap_or_default();
+        REPLAY_FAILED.with(|f| f.set(Some(FailedRange { replay, version, until: bound })));
+        return None;
     }
-    Applied { events: bound - after, through: bound, done: bound >= up_to }
+    Some(Applied { events: bound - after, through: bound, done: bound >= up_to })
 }
 
 /// Applies the events passing `filter` with `after < position <= up_to`, at most `limit` of them
@@ -159,12 +180,17 @@ fn apply(
     snap: Snap,
     budget: Option<std::time::Duration>,
 ) -> Applied {
-    let bound = scan_bound(after, up_to, limit);
+    if after >= up_to {
+        return Applied { events: 0, through: after, done: true }; // nothing to call anyone for
+    }
     let range_end = up_to.min(after.saturating_add(crate::pg::settings::replay_range() as i64));
     if let Some(replay) = replay_applies(handler, filter, (after, range_end), limit) {
-        let bound = range_end;
-        return apply_range(handler, replay, filter, events_type, (after, bound), (up_to, limit));
+        if let Some(a) = apply_range(handler, replay, (after, range_end), up_to) {
+            return a;
+        }
     }
+    // Event by event (or in batches) through the handler.
+    let bound = scan_bound(after, up_to, limit);
     Spi::connect(|client| {
         let types = filter.types.and_then(|t| t.clone().into_datum());
         let skip = filter.skip.filter(|s| !s.is_empty()).and_then(|s| s.clone().into_datum());

@@ -208,7 +208,7 @@ fn rebuild_step(cat: &Catalog, p: &Projection, r: &Rebuild) -> Progress {
             let st = state(p.id);
             deliver(cat, p, &p.live_handler(), &st);
             let live = registry::by_id(p.id).map(|q| q.position).unwrap_or(p.position);
-            let h = p.handler_for(r.new_handler.unwrap_or(p.handler), r.build_schema.as_deref());
+            let h = rebuild::rebuild_handler(p, r);
             let hw = highwater::compute();
             let mut checkpoint = r.checkpoint;
             if checkpoint < hw {

@@ -143,7 +143,12 @@ pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
             record_failure(id, &message, replay::last_attempted(), true)
         });
     }
-    let database = in_transaction("", current_database).unwrap_or_default();
+    let database = in_transaction("event_projections: starting", || {
+        crate::pg::backend::database_name(crate::pg::backend::my_database())
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_default();
     log!("event_projections worker {} serving database \"{}\"", index + 1, database);
 
     // SAFETY: a memory context under TopMemoryContext, for the life of the process.
@@ -182,11 +187,6 @@ pub extern "C-unwind" fn ep_worker_main(arg: pg_sys::Datum) {
             rebuild_sleep(settings::naptime_ms() as i64);
         }
     }
-}
-
-fn current_database() -> String {
-    // SAFETY: the name of this backend's database, palloc'd by get_database_name, copied at once.
-    unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }.to_string_lossy().into_owned()
 }
 
 fn rebuild_sleep(ms: i64) {
@@ -229,17 +229,12 @@ fn in_transaction<R>(activity: &str, f: impl FnOnce() -> R) -> Result<R, (PgSqlE
         Ok(r)
     })
     .catch_others(|e| {
-        let (level, code, message) = match &e {
-            pg_sys::panic::CaughtError::PostgresError(r)
-            | pg_sys::panic::CaughtError::ErrorReport(r)
-            | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                let msg = match r.detail() {
-                    Some(d) => format!("{} ({})", r.message(), d),
-                    None => r.message().to_string(),
-                };
-                (r.level(), r.sql_error_code(), msg)
-            }
+        let r = crate::pg::error::caught_report(&e);
+        let message = match r.detail() {
+            Some(d) => format!("{} ({})", r.message(), d),
+            None => r.message().to_string(),
         };
+        let (level, code) = (r.level(), r.sql_error_code());
         // SAFETY: a plain read of an interrupt flag.
         if level >= PgLogLevel::FATAL || unsafe { pg_sys::ProcDiePending != 0 } {
             e.rethrow();

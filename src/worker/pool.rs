@@ -14,31 +14,25 @@ use pgrx::pg_sys;
 use pgrx::shmem::PGRXSharedMemory;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// What a worker slot's process does now.
-#[derive(Copy, Clone, Default, Debug, PartialEq, Eq)]
-pub enum Doing {
-    /// No process in the slot.
-    #[default]
-    Free,
-    /// Started, not yet connected or not yet sure the database has the extension.
-    Starting,
-    Idle,
-    Rebuilding,
-    Delivering,
-    /// Asked to make room for another database's worker; ends at its next round.
-    Yielding,
+crate::registry::sql_enum! {
+    /// What a worker slot's process does now (`ep.workers.doing`). `Free`: no process in the slot;
+    /// `Starting`: not yet connected or not yet sure of the extension; `Yielding`: asked to make
+    /// room (or to leave the database alone), ends at its next step.
+    Doing {
+        Free = "free",
+        Starting = "starting",
+        Idle = "idle",
+        Rebuilding = "rebuilding",
+        Delivering = "delivering",
+        Yielding = "yielding",
+    }
 }
 
-impl Doing {
-    pub fn as_sql(self) -> &'static str {
-        match self {
-            Doing::Free => "free",
-            Doing::Starting => "starting",
-            Doing::Idle => "idle",
-            Doing::Rebuilding => "rebuilding",
-            Doing::Delivering => "delivering",
-            Doing::Yielding => "yielding",
-        }
+// sql_enum! declares the enum; a #[default] variant attribute cannot pass through it.
+#[allow(clippy::derivable_impls)]
+impl Default for Doing {
+    fn default() -> Self {
+        Doing::Free
     }
 }
 
@@ -184,8 +178,7 @@ pub fn wake_launcher() {
 /// it found without the extension (a worker looking before the commit would not see it).
 pub fn request_probe() {
     if available() {
-        // SAFETY: a plain read of this backend's database, set at connection.
-        let here = unsafe { pg_sys::MyDatabaseId }.to_u32();
+        let here = crate::pg::backend::my_database();
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || {
             update(|p| {
                 p.probe_requests += 1;
