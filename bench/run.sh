@@ -15,7 +15,7 @@
 #   BENCH_STALL_HIST, BENCH_LAG_RATE, BENCH_MEM_EVENT=0|1 (also the per-event handler in the memory
 #   figure; default 1 in full mode), BENCH_BIG_BATCH (batch_size of figure 4's large-batch variant,
 #   default 100000),
-#   BENCH_SKIP="memory lag ..." (phases to skip: rebuild append sync stall lag poll memory)
+#   BENCH_SKIP="memory lag ..." (phases to skip: rebuild append sync ids stall lag poll memory)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/env.sh
@@ -193,7 +193,7 @@ pgb() {
   shift 3
   a=$(cluster_cpu)
   "$PGBENCH" -n -M prepared -c "$CLIENTS" -j "$THREADS" -T "$t" -D accounts="$APPEND_ACCOUNTS" \
-    -h 127.0.0.1 -p "$BENCH_PORT" -U postgres -f "bench/pgbench/$script.sql" "$@" "$BENCH_DB" > "$f" 2>&1 ||
+    -h 127.0.0.1 -p "$BENCH_PORT" -U postgres -f "bench/pgbench/$script.sql" "$@" "${PGB_DB:-$BENCH_DB}" > "$f" 2>&1 ||
     { cat "$f"; die "pgbench $label failed"; }
   b=$(cluster_cpu)
   PGB_TPS=$(grep -oP 'tps = \K[0-9.]+' "$f")
@@ -284,6 +284,40 @@ fi
 if ! skip sync; then
   log "appends, synchronous_commit=on: $ROUNDS_SY rounds of ${T_SY} s"
   PGOPTIONS="-c synchronous_commit=on" append_rounds append/sync_on "$ROUNDS_SY" "$T_SY" ep_append bl_append ep_append_proj bl_append_proj
+fi
+
+# ------------------------------------------------------------------------------------------------
+# What event ids cost an append: the same library serving two fresh databases side by side, one
+# created at 0.2.0 (its log has no event_id column, the library appends without one) and one at
+# the current version; there, appends without an id (one is generated), with the caller's random
+# UUID v4, and with a correlation_id in metadata. 8 clients, synchronous_commit off, interleaved.
+if ! skip ids; then
+  SHARE=$("$PGBIN/pg_config" --sharedir)/extension
+  cp pgrx-tests/fixtures/event_projections--0.2.0.sql "$SHARE/" 2>/dev/null ||
+    die "cannot put the 0.2.0 install script into $SHARE"
+  for db in bench_ids bench_v020; do q postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null; done
+  q bench_ids -c "CREATE EXTENSION event_projections" >/dev/null
+  q bench_v020 -c "CREATE EXTENSION event_projections VERSION '0.2.0'" >/dev/null
+  log "event ids: $ROUNDS_AP rounds of ${T_AP} s, 0.2.0 database vs current"
+  ids_cfgs=(v020 gen id corr)
+  for r in $(seq 1 "$ROUNDS_AP"); do
+    for k in 0 1 2 3; do
+      c=${ids_cfgs[$(( (k + r - 1) % 4 ))]}
+      case $c in
+        v020) db=bench_v020 script=ep_append ;;
+        gen) db=bench_ids script=ep_append ;;
+        id) db=bench_ids script=ep_append_id ;;
+        corr) db=bench_ids script=ep_append_corr ;;
+      esac
+      q "$db" -c "CHECKPOINT" >/dev/null
+      PGB_DB=$db PGOPTIONS="-c synchronous_commit=off" pgb "ids_${c}_r$r" "$script" "$T_AP"
+      record ids "$c" "$r" tps "$PGB_TPS"; record ids "$c" "$r" cpu_us "$PGB_CPU_US"; record ids "$c" "$r" lat_ms "$PGB_LAT"
+      log "  ids round $r $c: $PGB_TPS tps, $PGB_CPU_US µs server CPU per append"
+    done
+  done
+  record ids size 0 index_mb_event_id "$(q bench_ids -c "SELECT pg_relation_size('ep.events_event_id_key') / 1048576.0")"
+  record ids size 0 events_bench_ids "$(q bench_ids -c "SELECT count(*) FROM ep.events")"
+  for db in bench_ids bench_v020; do q postgres -c "DROP DATABASE $db WITH (FORCE)" >/dev/null; done
 fi
 
 # ------------------------------------------------------------------------------------------------

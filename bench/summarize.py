@@ -90,6 +90,23 @@ def main(outdir):
             add(f"{label}, 8 clients, synchronous_commit={'off' if sync == 'sync_off' else 'on'}",
                 f"{e:.0f} tps", f"{b:.0f} tps", f"{r:.2f}x", aim, met, note, key=f"{fig}/{ep}")
 
+    # Event ids: appends into a current database against the same library's appends into a 0.2.0
+    # database (no event_id column), same run, interleaved.
+    b = med(g, "ids", "v020", "tps")
+    for var, label in (("gen", "ep_append, generated event id (UUID v7)"),
+                       ("id", "ep_append, caller's event id (random UUID v4)"),
+                       ("corr", "ep_append, correlation_id in metadata (partial index)")):
+        e = med(g, "ids", var, "tps")
+        if e is None or b is None:
+            continue
+        pr = paired(g, "ids", var, "v020", "tps")
+        ce, cb = med(g, "ids", var, "cpu_us"), med(g, "ids", "v020", "cpu_us")
+        n = len(vals(g, "ids", var, "tps"))
+        note = (f"{n} interleaved runs; paired ratio {pr[0]:.2f} [{pr[1]:.2f}..{pr[2]:.2f}]; "
+                f"server CPU/append {ce:.0f} vs {cb:.0f} µs")
+        add(f"{label} vs the same append without ids (0.2.0 schema), 8 clients, synchronous_commit=off",
+            f"{e:.0f} tps", f"{b:.0f} tps", f"{e / b:.2f}x", "(info)", "(info)", note, key=f"ids/{var}")
+
     # Rebuilds
     n_events = meta.get("hist_events")
     for ep, bl, label, target, kind in (

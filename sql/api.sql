@@ -6,7 +6,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$ SELECT COALESCE((SELECT s.version FROM ep.streams s WHERE s.stream_id = $1), 0) $$;
 COMMENT ON FUNCTION ep_stream_version(text) IS 'Number of events in the stream (0 when it does not exist).';
 
-CREATE FUNCTION ep_read_stream(stream_id text, from_position bigint DEFAULT 1, max_count int DEFAULT 1000)
+CREATE FUNCTION ep_read_stream(stream_id text, from_position bigint DEFAULT 1, max_count int DEFAULT 1000,
+                               correlation_id text DEFAULT NULL)
 RETURNS SETOF ep.events
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -19,12 +20,25 @@ BEGIN
     ELSIF max_count IS NULL OR max_count < 1 THEN
         RAISE EXCEPTION 'invalid max_count: % (must be at least 1)', max_count USING ERRCODE = '22023';
     END IF;
-    RETURN QUERY
-        SELECT e.* FROM ep.events e
-        WHERE e.stream_id = ep_read_stream.stream_id AND e.stream_position >= from_position
-        ORDER BY e.stream_position LIMIT max_count;
+    -- A deleted stream is hidden (README, "Deleting streams").
+    IF EXISTS (SELECT FROM ep.streams s WHERE s.stream_id = ep_read_stream.stream_id AND s.deleted IS NOT NULL) THEN
+        RETURN;
+    END IF;
+    IF correlation_id IS NULL THEN
+        RETURN QUERY
+            SELECT e.* FROM ep.events e
+            WHERE e.stream_id = ep_read_stream.stream_id AND e.stream_position >= from_position
+            ORDER BY e.stream_position LIMIT max_count;
+    ELSE
+        RETURN QUERY
+            SELECT e.* FROM ep.events e
+            WHERE e.stream_id = ep_read_stream.stream_id AND e.stream_position >= from_position
+              AND e.metadata ? 'correlation_id' AND (e.metadata ->> 'correlation_id') = ep_read_stream.correlation_id
+            ORDER BY e.stream_position LIMIT max_count;
+    END IF;
 END $$;
-COMMENT ON FUNCTION ep_read_stream(text, bigint, int) IS 'Events of one stream from a stream position, in stream order.';
+COMMENT ON FUNCTION ep_read_stream(text, bigint, int, text) IS
+  'Events of one stream from a stream position, in stream order; with correlation_id, only those whose metadata carries it.';
 
 
 CREATE VIEW ep.projection_status WITH (security_barrier) AS

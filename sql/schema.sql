@@ -20,9 +20,17 @@ CREATE TABLE ep.events (
     data            jsonb       NOT NULL,
     metadata        jsonb,
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- The caller's id of the event (or one ep_append generated, time-ordered): a retried append
+    -- with the same id, stream, type and data returns the first one's position and writes nothing.
+    event_id        uuid        NOT NULL,
     CONSTRAINT events_stream_position_key UNIQUE (stream_id, stream_position),
+    CONSTRAINT events_event_id_key UNIQUE (event_id),
     CONSTRAINT events_stream_position_check CHECK (stream_position >= 1)
 );
+-- ep_read_stream and ep_read_all filter by metadata's correlation_id (README, "Event ids and
+-- metadata"); only events that carry one are in the index, so no other append pays for it.
+CREATE INDEX events_correlation_idx ON ep.events ((metadata ->> 'correlation_id'), global_position)
+    WHERE metadata ? 'correlation_id';
 COMMENT ON TABLE ep.events IS
   'The event log (append-only; write with ep_append / ep_append_events). Its row type is the value handed to projection handlers.';
 
@@ -30,7 +38,25 @@ COMMENT ON TABLE ep.events IS
 -- expected-version check O(1).
 CREATE TABLE ep.streams (
     stream_id text   NOT NULL PRIMARY KEY,
-    version   bigint NOT NULL CHECK (version >= 1)
+    version   bigint NOT NULL CHECK (version >= 1),
+    -- NULL for a live stream; 'soft' (hidden from ep_read_stream, appends refused, undeletable)
+    -- or 'hard' (its events removed, for good) after ep_delete_stream. Read with the row lock that
+    -- every append takes (DESIGN.md, section 16).
+    deleted   text   CHECK (deleted IN ('soft', 'hard'))
+);
+
+-- Every ep_delete_stream and ep_undelete_stream: who, when, and what left the log.
+CREATE SEQUENCE ep.stream_deletion_id_seq AS bigint;
+CREATE TABLE ep.stream_deletions (
+    id             bigint      NOT NULL PRIMARY KEY DEFAULT pg_catalog.nextval('ep.stream_deletion_id_seq'),
+    stream_id      text        NOT NULL,
+    action         text        NOT NULL CHECK (action IN ('soft', 'hard', 'undelete')),
+    -- The $stream_deleted / $stream_undeleted event the action appended.
+    marker_position bigint     NOT NULL,
+    -- Hard deletes: how many events were removed (every event of the stream before the marker).
+    events_removed bigint      NOT NULL DEFAULT 0,
+    done_by        regrole     NOT NULL,
+    done_at        timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
 CREATE SEQUENCE ep.projection_id_seq AS integer;
@@ -147,4 +173,6 @@ SELECT pg_catalog.pg_extension_config_dump('ep.subscription_members', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.global_position_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.projection_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.rebuild_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.stream_deletions', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.stream_deletion_id_seq', '');
 

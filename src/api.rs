@@ -8,16 +8,46 @@ use crate::registry;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-/// Appends one event; returns its global position.
-#[pg_extern(volatile, parallel_unsafe)]
-fn ep_append(
+/// Appends one event; returns its global position. With `event_id`, a retry of an append that
+/// committed returns the first one's position and writes nothing (README, "Event ids and metadata").
+#[pg_extern(volatile, parallel_unsafe, name = "ep_append")]
+fn ep_append_v3(
     stream_id: Option<&str>,
     event_type: Option<&str>,
     data: Option<RawJsonb>,
     metadata: default!(Option<RawJsonb>, "NULL"),
     expected_version: default!(Option<i64>, "NULL"),
+    event_id: default!(Option<pgrx::Uuid>, "NULL"),
 ) -> i64 {
-    log::append_one(stream_id, event_type, data, metadata, expected_version).or_raise()
+    log::append_one(stream_id, event_type, data, metadata, expected_version, event_id).or_raise()
+}
+
+/// The five-argument `ep_append` of 0.1.0 and 0.2.0, under the C symbol their SQL names: a
+/// database whose extension is not updated yet keeps calling it (no SQL of its own in 0.3.0).
+#[pg_extern(volatile, parallel_unsafe, sql = false)]
+fn ep_append(
+    stream_id: Option<&str>,
+    event_type: Option<&str>,
+    data: Option<RawJsonb>,
+    metadata: Option<RawJsonb>,
+    expected_version: Option<i64>,
+) -> i64 {
+    log::append_one(stream_id, event_type, data, metadata, expected_version, None).or_raise()
+}
+
+/// Deletes a stream: soft (hidden from ep_read_stream, appends refused, `ep_undelete_stream`
+/// restores it) or hard (its events removed from the log, for good). Appends the
+/// `$stream_deleted` marker projections react to and returns its position (README, "Deleting
+/// streams").
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_delete_stream(stream_id: Option<&str>, hard: default!(Option<bool>, "false")) -> i64 {
+    log::delete::delete_stream(stream_id, hard).or_raise()
+}
+
+/// Restores a soft-deleted stream; appends the `$stream_undeleted` marker and returns its position.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_undelete_stream(stream_id: Option<&str>) -> i64 {
+    log::delete::undelete_stream(stream_id).or_raise()
 }
 
 /// Appends a JSON array of `{"type", "data", "metadata"}` to one stream, all or nothing; returns
@@ -146,13 +176,24 @@ fn ep_in_flight() -> TableIterator<'static, (name!(pid, i32), name!(global_posit
 // The log for consumers outside the database
 
 /// The committed events after `after_position`, in global order, none above the high-water mark:
-/// a reader that continues after the last position it received never misses an event.
-#[pg_extern(volatile, parallel_unsafe)]
-fn ep_read_all(
+/// a reader that continues after the last position it received never misses an event. With
+/// `correlation_id`, only the events whose metadata carries that `correlation_id`.
+#[pg_extern(volatile, parallel_unsafe, name = "ep_read_all")]
+fn ep_read_all_v3(
     after_position: default!(Option<i64>, "0"),
     max_count: default!(Option<i32>, "1000"),
+    correlation_id: default!(Option<&str>, "NULL"),
 ) -> SetOfIterator<'static, pgrx::composite_type!('static, "ep.events")> {
-    events(crate::subscription::read_all(after_position, max_count).or_raise())
+    events(crate::subscription::read_all(after_position, max_count, correlation_id).or_raise())
+}
+
+/// The two-argument `ep_read_all` of 0.1.0 and 0.2.0, under the C symbol their SQL names.
+#[pg_extern(volatile, parallel_unsafe, sql = false)]
+fn ep_read_all(
+    after_position: Option<i64>,
+    max_count: Option<i32>,
+) -> SetOfIterator<'static, pgrx::composite_type!('static, "ep.events")> {
+    events(crate::subscription::read_all(after_position, max_count, None).or_raise())
 }
 
 /// The high-water mark: every position at or below it is committed and visible, or never will be.

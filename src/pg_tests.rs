@@ -39,8 +39,8 @@ mod tests {
         for sql in [
             "GRANT USAGE ON SCHEMA ep TO {r}",
             "GRANT SELECT ON ep.events, ep.streams, ep.projection_status TO {r}",
-            "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint), ep_append_events(text, jsonb, bigint), \
-             ep_stream_version(text), ep_read_stream(text, bigint, int), ep_read_all(bigint, int), \
+            "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint, uuid), ep_append_events(text, jsonb, bigint), \
+             ep_stream_version(text), ep_read_stream(text, bigint, int, text), ep_read_all(bigint, int, text), \
              ep_register_projection(text, regprocedure, text, text[], text, regprocedure), ep_unregister_projection(text), \
              ep_rebuild(text, text, regprocedure, regprocedure), ep_rebuild_wait(bigint, interval), ep_rebuild_status(bigint), \
              ep_cancel_rebuild(text), ep_retry_projection(text), ep_skip_event(text, bigint), \
@@ -110,6 +110,158 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_retried_append_returns_the_first_position_and_writes_nothing() {
+        serial();
+        create_counter("m");
+        run("SELECT ep_register_projection('m', 'm.count(ep.events)', 'inline', NULL, 'm')");
+        let id = "'0190f5a4-1111-7000-8000-000000000001'";
+        let p = one::<i64>(&format!("SELECT ep_append('acct', 'Opened', '{{\"a\":1}}', NULL, NULL, {id})")).unwrap();
+        let seq = one::<i64>("SELECT last_value FROM ep.global_position_seq");
+        // The same id, stream, type and data (metadata may differ): the first position, nothing
+        // written, no position taken, no handler run; the expected version is not checked again.
+        for retry in [
+            format!("SELECT ep_append('acct', 'Opened', '{{\"a\":1}}', NULL, NULL, {id})"),
+            format!("SELECT ep_append('acct', 'Opened', '{{\"a\": 1}}', '{{\"retry\":true}}', 0, {id})"),
+            "SELECT ep_append_events('acct', '[{\"type\":\"Opened\",\"data\":{\"a\":1},\"id\":\"{0190F5A4-1111-7000-8000-000000000001}\"}]')".to_string(),
+        ] {
+            assert_eq!(one::<i64>(&retry), Some(p), "{retry}");
+        }
+        assert_eq!(one::<i64>("SELECT last_value FROM ep.global_position_seq"), seq);
+        assert_eq!(one::<i64>("SELECT ep_stream_version('acct')"), Some(1));
+        assert_eq!(one::<i64>("SELECT n FROM m.counts WHERE stream_id = 'acct'"), Some(1));
+        assert_eq!(
+            one::<String>(&format!("SELECT event_id::text FROM ep.events WHERE global_position = {p}")),
+            Some("0190f5a4-1111-7000-8000-000000000001".into())
+        );
+        // The same id with another stream, type or data: 23505, nothing written.
+        for other in [
+            format!("SELECT ep_append('acct2', 'Opened', '{{\"a\":1}}', NULL, NULL, {id})"),
+            format!("SELECT ep_append('acct', 'Closed', '{{\"a\":1}}', NULL, NULL, {id})"),
+            format!("SELECT ep_append('acct', 'Opened', '{{\"a\":2}}', NULL, NULL, {id})"),
+        ] {
+            assert_fails(&other, "23505");
+        }
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep.events"), Some(1));
+        assert_eq!(one::<i64>("SELECT ep_stream_version('acct')"), Some(1));
+        assert_eq!(one::<i64>("SELECT ep_stream_version('acct2')"), Some(0));
+        // A batch: retried whole, it returns its last position; partly in the log, it is refused.
+        let batch = "'[{\"type\":\"A\",\"data\":{},\"id\":\"0190f5a4-2222-7000-8000-000000000001\"},\
+                      {\"type\":\"B\",\"data\":{},\"id\":\"0190f5a4-2222-7000-8000-000000000002\"}]'";
+        let last = one::<i64>(&format!("SELECT ep_append_events('b', {batch})")).unwrap();
+        assert_eq!(one::<i64>(&format!("SELECT ep_append_events('b', {batch})")), Some(last));
+        assert_eq!(one::<i64>("SELECT ep_stream_version('b')"), Some(2));
+        assert_fails(
+            "SELECT ep_append_events('b', '[{\"type\":\"A\",\"data\":{},\"id\":\"0190f5a4-2222-7000-8000-000000000001\"},\
+                                          {\"type\":\"C\",\"data\":{}}]')",
+            "23505",
+        );
+        assert_eq!(one::<i64>("SELECT ep_stream_version('b')"), Some(2));
+        assert_eq!(one::<i64>("SELECT n FROM m.counts WHERE stream_id = 'b'"), Some(2));
+    }
+
+    #[pg_test]
+    fn generated_event_ids_are_unique_version_7_uuids() {
+        serial();
+        run("SELECT ep_append_events('g', (SELECT jsonb_agg(jsonb_build_object('type', 'T', 'data', '{}'::jsonb)) FROM generate_series(1, 500)))");
+        for i in 0..100 {
+            run(&format!("SELECT ep_append('g', 'T', '{{\"i\":{i}}}')"));
+        }
+        assert_eq!(one::<i64>("SELECT count(DISTINCT event_id) FROM ep.events"), Some(600));
+        // Version 7 and the RFC 4122 variant; the timestamp is now (within a minute).
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM ep.events WHERE substr(event_id::text, 15, 1) = '7' \
+                 AND substr(event_id::text, 20, 1) IN ('8', '9', 'a', 'b') \
+                 AND abs(('x' || substr(replace(event_id::text, '-', ''), 1, 12))::bit(48)::bigint \
+                         - (extract(epoch FROM clock_timestamp()) * 1000)::bigint) < 60000"
+            ),
+            Some(600)
+        );
+    }
+
+    #[pg_test]
+    fn reads_filter_by_correlation_id() {
+        serial();
+        for (stream, corr) in [("a", Some("c1")), ("a", Some("c2")), ("b", Some("c1")), ("a", None), ("b", Some("c1"))]
+        {
+            let meta = corr
+                .map(|c| format!("'{{\"correlation_id\":\"{c}\",\"causation_id\":\"x\"}}'"))
+                .unwrap_or("NULL".into());
+            run(&format!("SELECT ep_append('{stream}', 'T', '{{}}', {meta})"));
+        }
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep_read_all(0, 1000, 'c1')"), Some(3));
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep_read_all(0, 2, 'c1')"), Some(2));
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep_read_all(0, 1000, 'nope')"), Some(0));
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep_read_all(0)"), Some(5));
+        assert_eq!(
+            one::<String>("SELECT string_agg(stream_position::text, ',') FROM ep_read_stream('a', 1, 1000, 'c2')"),
+            Some("2".into())
+        );
+        assert_eq!(
+            one::<String>("SELECT string_agg(stream_position::text, ',') FROM ep_read_stream('b', 1, 1000, 'c1')"),
+            Some("1,2".into())
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep_read_stream('a', 1, 1000, NULL)"), Some(3));
+    }
+
+    #[pg_test]
+    fn deleting_streams_soft_and_hard() {
+        serial();
+        for i in 0..3 {
+            run(&format!("SELECT ep_append('a', 'T', '{{\"i\":{i}}}')"));
+            run(&format!("SELECT ep_append('b', 'T', '{{\"i\":{i}}}')"));
+        }
+        // Soft: hidden from ep_read_stream, appends refused, the marker in the log; undelete.
+        let m = one::<i64>("SELECT ep_delete_stream('a')").unwrap();
+        assert_eq!(one::<String>(&format!("SELECT event_type || ' ' || stream_position || ' ' || data::text FROM ep.events WHERE global_position = {m}")),
+            Some("$stream_deleted 4 {\"hard\": false}".into()));
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep_read_stream('a')"), Some(0));
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep.events WHERE stream_id = 'a'"), Some(4));
+        assert_fails("SELECT ep_append('a', 'T', '{}')", "55000");
+        assert_fails("SELECT ep_append_events('a', '[{\"type\":\"T\",\"data\":{}}]')", "55000");
+        assert_fails("SELECT ep_delete_stream('a')", "55000");
+        run("SELECT ep_undelete_stream('a')");
+        assert_fails("SELECT ep_undelete_stream('a')", "55000");
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep_read_stream('a')"), Some(5));
+        run("SELECT ep_append('a', 'T', '{}')");
+        assert_eq!(one::<i64>("SELECT ep_stream_version('a')"), Some(6));
+        // Hard: the events before the marker leave the log, for good; recorded.
+        let h = one::<i64>("SELECT ep_delete_stream('b', true)").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep.events WHERE stream_id = 'b'"), Some(1));
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep.events WHERE stream_id = 'a'"), Some(6));
+        assert_fails("SELECT ep_append('b', 'T', '{}')", "55000");
+        assert_fails("SELECT ep_undelete_stream('b')", "55000");
+        assert_fails("SELECT ep_delete_stream('b', true)", "55000");
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(action || ':' || events_removed, ',' ORDER BY id) FROM ep.stream_deletions"
+            ),
+            Some("soft:0,undelete:0,hard:3".into())
+        );
+        assert_eq!(one::<i64>("SELECT marker_position FROM ep.stream_deletions WHERE action = 'hard'"), Some(h));
+        // A soft-deleted stream can be hard-deleted.
+        run("SELECT ep_delete_stream('a')");
+        run("SELECT ep_delete_stream('a', true)");
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep.events WHERE stream_id = 'a'"), Some(1));
+        // Unknown streams, NULLs, and the markers' types are not for clients.
+        for (sql, state) in [
+            ("SELECT ep_delete_stream('nope')", "42704"),
+            ("SELECT ep_delete_stream('nope', true)", "42704"),
+            ("SELECT ep_undelete_stream('nope')", "42704"),
+            ("SELECT ep_delete_stream(NULL)", "22004"),
+            ("SELECT ep_delete_stream('x', NULL)", "22004"),
+            ("SELECT ep_undelete_stream(NULL)", "22004"),
+            ("SELECT ep_append('c', '$stream_deleted', '{\"hard\":true}')", "22023"),
+            ("SELECT ep_append_events('c', '[{\"type\":\"$stream_undeleted\",\"data\":{}}]')", "22023"),
+        ] {
+            assert_fails(sql, state);
+        }
+        assert_eq!(one::<i64>("SELECT ep_stream_version('nope')"), Some(0));
+        // The log stays append-only for anyone else.
+        assert_fails("DELETE FROM ep.events WHERE stream_id = 'c'", "0A000");
+    }
+
+    #[pg_test]
     fn append_events_is_all_or_nothing() {
         serial();
         create_counter("m");
@@ -149,6 +301,16 @@ mod tests {
             ("SELECT ep_append_events('s', '[{\"type\":7,\"data\":{}}]')", "22023"),
             ("SELECT ep_append_events('s', '[{\"type\":\"\",\"data\":{}}]')", "22023"),
             ("SELECT ep_append_events('s', '[{\"type\":\"T\"}]')", "22023"),
+            ("SELECT ep_append_events('s', '[{\"type\":\"T\",\"data\":{},\"id\":7}]')", "22023"),
+            ("SELECT ep_append_events('s', '[{\"type\":\"T\",\"data\":{},\"id\":\"not-a-uuid\"}]')", "22023"),
+            ("SELECT ep_append_events('s', '[{\"type\":\"T\",\"data\":{},\"id\":\"0190f5a4-1111-7000-8000-0000000000011\"}]')", "22023"),
+            ("SELECT ep_append_events('s', '[{\"type\":\"T\",\"data\":{},\"id\":\"-0190f5a4-1111-7000-8000-00000000001\"}]')", "22023"),
+            (
+                "SELECT ep_append_events('s', '[{\"type\":\"T\",\"data\":{},\"id\":\"0190f5a4-1111-7000-8000-000000000001\"},\
+                                             {\"type\":\"U\",\"data\":{},\"id\":\"0190f5a41111-7000-8000-000000000001\"}]')",
+                "22023",
+            ),
+            ("SELECT ep_append('s', 'T', '{}', NULL, NULL, 'zz')", "22P02"),
             ("SELECT * FROM ep_read_stream(NULL)", "22004"),
             ("SELECT * FROM ep_read_stream('s', 0)", "22023"),
             ("SELECT * FROM ep_read_stream('s', 1, 0)", "22023"),

@@ -477,18 +477,18 @@ impl Grants {
         const WRITER: &[&str] = &[
             "GRANT USAGE ON SCHEMA ep TO {r}",
             "GRANT SELECT ON ep.streams TO {r}",
-            "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint), ep_append_events(text, jsonb, bigint), ep_stream_version(text) TO {r}",
+            "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint, uuid), ep_append_events(text, jsonb, bigint), ep_stream_version(text) TO {r}",
         ];
         const READER: &[&str] = &[
             "GRANT USAGE ON SCHEMA ep TO {r}",
             "GRANT SELECT ON ep.events, ep.streams TO {r}",
-            "GRANT EXECUTE ON FUNCTION ep_read_stream(text, bigint, int), ep_read_all(bigint, int), ep_stream_version(text) TO {r}",
+            "GRANT EXECUTE ON FUNCTION ep_read_stream(text, bigint, int, text), ep_read_all(bigint, int, text), ep_stream_version(text) TO {r}",
         ];
         const OWNER: &[&str] = &[
             "GRANT USAGE ON SCHEMA ep TO {r}",
             "GRANT SELECT ON ep.events, ep.streams, ep.projection_status TO {r}",
-            "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint), ep_append_events(text, jsonb, bigint), \
-             ep_stream_version(text), ep_read_stream(text, bigint, int), ep_read_all(bigint, int), \
+            "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint, uuid), ep_append_events(text, jsonb, bigint), \
+             ep_stream_version(text), ep_read_stream(text, bigint, int, text), ep_read_all(bigint, int, text), \
              ep_register_projection(text, regprocedure, text, text[], text, regprocedure), ep_unregister_projection(text), \
              ep_rebuild(text, text, regprocedure, regprocedure), ep_rebuild_wait(bigint, interval), ep_rebuild_status(bigint), \
              ep_cancel_rebuild(text), ep_retry_projection(text), ep_skip_event(text, bigint), \
@@ -498,7 +498,7 @@ impl Grants {
         const CONSUMER: &[&str] = &[
             "GRANT USAGE ON SCHEMA ep TO {r}",
             "GRANT SELECT ON ep.events, ep.subscription_status TO {r}",
-            "GRANT EXECUTE ON FUNCTION ep_read_all(bigint, int), ep_high_water(), ep_subscribe(text, text[], int), \
+            "GRANT EXECUTE ON FUNCTION ep_read_all(bigint, int, text), ep_high_water(), ep_subscribe(text, text[], int), \
              ep_unsubscribe(text), ep_set_members(text, int), ep_poll(text, int, int, interval), ep_ack(text, int, bigint) TO {r}",
         ];
         match self {
@@ -572,4 +572,31 @@ impl Drop for Role {
             }
         }
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Client tools
+
+/// The path of a PostgreSQL client tool (EP_PGBIN, default PostgreSQL 15's).
+pub fn pg_bin(tool: &str) -> String {
+    let dir = std::env::var("EP_PGBIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    format!("{dir}/{tool}")
+}
+
+/// Runs a client tool against the test cluster; fails the test with its output if it fails.
+pub fn run_tool(tool: &str, args: &[&str]) {
+    let port = port().to_string();
+    let host = host();
+    let out = std::process::Command::new(pg_bin(tool))
+        .args(["-h", &host, "-p", &port, "-U", "postgres"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

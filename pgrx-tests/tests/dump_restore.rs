@@ -5,30 +5,6 @@
 
 use ep_connection_tests::*;
 use postgres::Client;
-use std::process::Command;
-
-fn pg_bin(tool: &str) -> String {
-    let dir = std::env::var("EP_PGBIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
-    format!("{dir}/{tool}")
-}
-
-/// Runs a client tool against the test cluster; fails the test with its output if it fails.
-fn run(tool: &str, args: &[&str]) {
-    let port = port().to_string();
-    let host = host();
-    let out = Command::new(pg_bin(tool))
-        .args(["-h", &host, "-p", &port, "-U", "postgres"])
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The rows of a table as text, in a fixed order: what must survive the round trip unchanged.
 fn rows(c: &mut Client, table: &str, order: &str) -> Vec<String> {
@@ -39,13 +15,14 @@ fn rows(c: &mut Client, table: &str, order: &str) -> Vec<String> {
         .collect()
 }
 
-const TABLES: [(&str, &str); 6] = [
+const TABLES: [(&str, &str); 7] = [
     ("ep.events", "global_position"),
     ("ep.streams", "stream_id"),
     ("ep.projections", "id"),
     ("ep.subscriptions", "name"),
     ("ep.subscription_members", "subscription, member"),
     ("rm.counts", "stream_id"),
+    ("ep.stream_deletions", "id"),
 ];
 
 #[test]
@@ -61,6 +38,16 @@ fn dump_and_restore() {
         &[],
     )
     .unwrap();
+    // An append with a caller's id: its retry after the restore is still a retry.
+    let with_id: i64 = c
+        .query_one(
+            "SELECT ep_append('acct-2', 'Tagged', '{}', NULL, NULL, '0190f5a4-0000-7000-8000-0000000d0001')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    // A soft-deleted stream (hard deletes: tests/streams.rs, whose model expects them).
+    c.batch_execute("SELECT ep_delete_stream('acct-5')").unwrap();
     // A rolled-back append burns positions: the restored sequence must be past them too, not just
     // past the last event.
     let mut tx = c.transaction().unwrap();
@@ -77,9 +64,9 @@ fn dump_and_restore() {
 
     let file = std::env::temp_dir().join(format!("ep-ctest-{}.dump", std::process::id()));
     let file = file.to_str().unwrap();
-    run("pg_dump", &["-Fc", "-f", file, &source.name]);
+    run_tool("pg_dump", &["-Fc", "-f", file, &source.name]);
     let target = TestDb::empty("dump_target");
-    run("pg_restore", &["--exit-on-error", "-d", &target.name, file]);
+    run_tool("pg_restore", &["--exit-on-error", "-d", &target.name, file]);
     let _ = std::fs::remove_file(file);
 
     let mut r = target.connect();
@@ -92,6 +79,26 @@ fn dump_and_restore() {
         c.query("SELECT global_position FROM ep_poll('sub', 0, 5)", &[]).unwrap().iter().map(|r| r.get(0)).collect()
     };
     assert_eq!(next(&mut r), next(&mut c), "the restored subscription does not continue where it was");
+
+    let retried: i64 = r
+        .query_one(
+            "SELECT ep_append('acct-2', 'Tagged', '{}', NULL, NULL, '0190f5a4-0000-7000-8000-0000000d0001')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(retried, with_id, "a retry after the restore appended again");
+    // The deleted stream stays deleted: refused appends, hidden from ep_read_stream.
+    for s in ["acct-5"] {
+        expect_sqlstate(
+            append(&mut r, s, "Deposited", &json!({}), None),
+            &postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "an append to a deleted stream after the restore",
+        );
+    }
+    let hidden: i64 = r.query_one("SELECT count(*) FROM ep_read_stream('acct-5')", &[]).unwrap().get(0);
+    assert_eq!(hidden, 0);
+    assert_eq!(read_log(&mut r), restored_log);
 
     // New appends continue the log: positions past everything the source handed out, the stream
     // versions continued, the inline projection applied.

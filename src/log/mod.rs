@@ -1,6 +1,8 @@
 //! The event log: appends (DESIGN.md, section 2, steps A1..A11) and the guard that keeps
 //! `ep.events` append-only.
 
+pub mod delete;
+
 use crate::handoff::inflight;
 use crate::handoff::{self, CrossedHandoff, Mode};
 use crate::pg::catalog::{self, Catalog};
@@ -16,6 +18,8 @@ pub struct NewEvent {
     pub event_type: String,
     pub data: pg_sys::Datum,
     pub metadata: Option<pg_sys::Datum>,
+    /// The caller's id of the event; one is generated when it gave none.
+    pub id: Option<pgrx::Uuid>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +28,18 @@ pub enum LogError {
     Arg(#[from] ArgError),
     #[error("wrong expected version for stream \"{stream}\": expected {expected}, actual {actual}")]
     WrongExpectedVersion { stream: String, expected: i64, actual: i64 },
+    #[error("event id {id} is already in the log with a different stream, type or data")]
+    IdReused { id: String },
+    #[error("event id {id} is already in the log, but other events of this batch are not")]
+    PartlyAppended { id: String },
+    #[error("event ids need the 0.3.0 schema of event_projections, and this database has an older one")]
+    NeedsUpdate,
+    #[error("stream \"{stream}\" is deleted")]
+    StreamDeleted { stream: String, hard: bool },
+    #[error("stream \"{0}\" does not exist")]
+    NoSuchStream(String),
+    #[error("stream \"{0}\" is not deleted")]
+    NotDeleted(String),
 }
 
 impl SqlError for LogError {
@@ -33,6 +49,13 @@ impl SqlError for LogError {
             // A lost optimistic-concurrency race: re-read the stream and retry, as for any
             // serialization failure.
             LogError::WrongExpectedVersion { .. } => PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            // The same class as the unique index's own error, which a concurrent append of the
+            // same id to another stream gets (README, "Event ids and metadata").
+            LogError::IdReused { .. } | LogError::PartlyAppended { .. } => PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+            LogError::NeedsUpdate | LogError::StreamDeleted { .. } | LogError::NotDeleted(_) => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
+            LogError::NoSuchStream(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
         }
     }
     fn detail(&self) -> Option<String> {
@@ -43,6 +66,7 @@ impl SqlError for LogError {
             LogError::WrongExpectedVersion { .. } => {
                 Some("Another writer appended to the stream since its version was read; nothing was written.".into())
             }
+            LogError::IdReused { .. } | LogError::PartlyAppended { .. } => Some("Nothing was written.".into()),
             _ => None,
         }
     }
@@ -51,64 +75,116 @@ impl SqlError for LogError {
             LogError::WrongExpectedVersion { .. } => {
                 Some("Read the stream again, decide again, and retry with the new version (or pass NULL to append at any version).".into())
             }
+            LogError::IdReused { .. } => Some(
+                "A retry must send the same stream, type and data as the first attempt; a new event needs a new id.".into(),
+            ),
+            LogError::PartlyAppended { .. } => {
+                Some("Retry a batch with exactly the events (and ids) of the first attempt.".into())
+            }
+            LogError::NeedsUpdate => Some("Run ALTER EXTENSION event_projections UPDATE.".into()),
+            LogError::StreamDeleted { hard: false, .. } => Some(
+                "It was soft-deleted: SELECT ep_undelete_stream(...) restores it (ep.stream_deletions says who deleted it).".into(),
+            ),
+            LogError::StreamDeleted { hard: true, .. } => {
+                Some("It was hard-deleted, which is final: use another stream id (ep.stream_deletions says who deleted it).".into())
+            }
             _ => None,
         }
     }
 }
 
 thread_local! {
-    /// True only while our own INSERT into ep.events runs: the guard trigger lets exactly that through.
-    static APPENDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set only while our own INSERT (an append) or DELETE (a hard delete) on ep.events runs: the
+    /// guard trigger lets exactly that operation through.
+    static OWN_WRITE: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
 }
 
-/// Sets APPENDING for its lifetime; an error unwinds through it and clears the flag.
-struct Appending;
-impl Appending {
-    fn start() -> Self {
-        APPENDING.with(|a| a.set(true));
-        Appending
+/// Sets OWN_WRITE for its lifetime; an error unwinds through it and clears it.
+pub(crate) struct OwnWrite;
+impl OwnWrite {
+    pub(crate) fn start(op: &'static str) -> Self {
+        OWN_WRITE.with(|a| a.set(Some(op)));
+        OwnWrite
     }
 }
-impl Drop for Appending {
+impl Drop for OwnWrite {
     fn drop(&mut self) {
-        APPENDING.with(|a| a.set(false));
+        OWN_WRITE.with(|a| a.set(None));
     }
 }
 
-static UPSERT_STREAM: Stmt = Stmt {
-    sql: "INSERT INTO ep.streams AS s (stream_id, version) VALUES ($1, $2) \
-          ON CONFLICT (stream_id) DO UPDATE SET version = s.version + $2 RETURNING version",
-    types: &[pg_sys::TEXTOID, pg_sys::INT8OID],
-};
+/// A7: the stream row, locked, with its new version and whether it is deleted; in 0.2.0's form
+/// (no `deleted` column) for a database not updated yet.
+static UPSERT_STREAM: [Stmt; 2] = [
+    Stmt {
+        sql: "INSERT INTO ep.streams AS s (stream_id, version) VALUES ($1, $2) \
+              ON CONFLICT (stream_id) DO UPDATE SET version = s.version + $2 RETURNING version, NULL::text",
+        types: &[pg_sys::TEXTOID, pg_sys::INT8OID],
+    },
+    Stmt {
+        sql: "INSERT INTO ep.streams AS s (stream_id, version) VALUES ($1, $2) \
+              ON CONFLICT (stream_id) DO UPDATE SET version = s.version + $2 RETURNING version, deleted",
+        types: &[pg_sys::TEXTOID, pg_sys::INT8OID],
+    },
+];
+
+/// The statements of an insert, in the current schema's form and in 0.2.0's (no `event_id`,
+/// whose library this one is until ALTER EXTENSION ... UPDATE), each without and with `RETURNING e`.
+struct Inserts {
+    current: [Stmt; 2],
+    v2: [Stmt; 2],
+}
+
+impl Inserts {
+    /// The insert for this database's schema, returning the rows when `returning`.
+    fn get(&'static self, event_ids: bool, returning: bool) -> &'static Stmt {
+        let forms = if event_ids { &self.current } else { &self.v2 };
+        &forms[usize::from(returning)]
+    }
+}
+
+macro_rules! insert_stmt {
+    ($cols:literal, $rest:literal, $types:expr) => {
+        [
+            Stmt {
+                sql: concat!(
+                    "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata",
+                    $cols,
+                    ") ",
+                    $rest
+                ),
+                types: $types,
+            },
+            Stmt {
+                sql: concat!(
+                    "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata",
+                    $cols,
+                    ") ",
+                    $rest,
+                    " RETURNING e"
+                ),
+                types: $types,
+            },
+        ]
+    };
+}
+
+const INSERT_ONE_TYPES: &[pg_sys::Oid] = &[
+    pg_sys::INT8OID,
+    pg_sys::TEXTOID,
+    pg_sys::INT8OID,
+    pg_sys::TEXTOID,
+    pg_sys::JSONBOID,
+    pg_sys::JSONBOID,
+    pg_sys::UUIDOID,
+];
 
 /// The insert of one event, returning the row as the `ep.events` value handlers get (A10), or
 /// returning nothing when no handler will run (building the value costs a copy of the row).
-static INSERT_ONE: [Stmt; 2] = [
-    Stmt {
-        sql: "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata) \
-              VALUES ($1, $2, $3, $4, $5, $6)",
-        types: &[
-            pg_sys::INT8OID,
-            pg_sys::TEXTOID,
-            pg_sys::INT8OID,
-            pg_sys::TEXTOID,
-            pg_sys::JSONBOID,
-            pg_sys::JSONBOID,
-        ],
-    },
-    Stmt {
-        sql: "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata) \
-              VALUES ($1, $2, $3, $4, $5, $6) RETURNING e",
-        types: &[
-            pg_sys::INT8OID,
-            pg_sys::TEXTOID,
-            pg_sys::INT8OID,
-            pg_sys::TEXTOID,
-            pg_sys::JSONBOID,
-            pg_sys::JSONBOID,
-        ],
-    },
-];
+static INSERT_ONE: Inserts = Inserts {
+    current: insert_stmt!(", event_id", "VALUES ($1, $2, $3, $4, $5, $6, $7)", INSERT_ONE_TYPES),
+    v2: insert_stmt!("", "VALUES ($1, $2, $3, $4, $5, $6)", INSERT_ONE_TYPES.split_at(6).0),
+};
 
 const INSERT_MANY_TYPES: &[pg_sys::Oid] = &[
     pg_sys::INT8ARRAYOID,
@@ -117,24 +193,97 @@ const INSERT_MANY_TYPES: &[pg_sys::Oid] = &[
     pg_sys::TEXTARRAYOID,
     pg_sys::JSONBARRAYOID,
     pg_sys::JSONBARRAYOID,
+    pg_sys::UUIDARRAYOID,
 ];
 
 /// The insert of several events, as `INSERT_ONE`.
-static INSERT_MANY: [Stmt; 2] = [
-    Stmt {
-        sql: "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata) \
-              SELECT u.p, $2, $3 + u.o, u.t, u.d, u.m \
-              FROM unnest($1::bigint[], $4::text[], $5::jsonb[], $6::jsonb[]) WITH ORDINALITY AS u(p, t, d, m, o)",
-        types: INSERT_MANY_TYPES,
-    },
-    Stmt {
-        sql: "INSERT INTO ep.events AS e (global_position, stream_id, stream_position, event_type, data, metadata) \
-              SELECT u.p, $2, $3 + u.o, u.t, u.d, u.m \
-              FROM unnest($1::bigint[], $4::text[], $5::jsonb[], $6::jsonb[]) WITH ORDINALITY AS u(p, t, d, m, o) \
-              RETURNING e",
-        types: INSERT_MANY_TYPES,
-    },
-];
+static INSERT_MANY: Inserts = Inserts {
+    current: insert_stmt!(
+        ", event_id",
+        "SELECT u.p, $2, $3 + u.o, u.t, u.d, u.m, u.i \
+         FROM unnest($1::bigint[], $4::text[], $5::jsonb[], $6::jsonb[], $7::uuid[]) WITH ORDINALITY AS u(p, t, d, m, i, o)",
+        INSERT_MANY_TYPES
+    ),
+    v2: insert_stmt!(
+        "",
+        "SELECT u.p, $2, $3 + u.o, u.t, u.d, u.m \
+         FROM unnest($1::bigint[], $4::text[], $5::jsonb[], $6::jsonb[]) WITH ORDINALITY AS u(p, t, d, m, o)",
+        INSERT_MANY_TYPES.split_at(6).0
+    ),
+};
+
+/// The events of a batch whose ids are already in the log: each with its position and whether its
+/// stream, type and data are the same. Ids the caller did not give are NULL here and match nothing.
+static ALREADY: Stmt = Stmt {
+    sql: "SELECT u.o, e.global_position, (e.stream_id = $2 AND e.event_type = u.t AND e.data = u.d) \
+          FROM unnest($1::uuid[], $3::text[], $4::jsonb[]) WITH ORDINALITY AS u(i, t, d, o) \
+          JOIN ep.events e ON e.event_id = u.i ORDER BY u.o",
+    types: &[pg_sys::UUIDARRAYOID, pg_sys::TEXTOID, pg_sys::TEXTARRAYOID, pg_sys::JSONBARRAYOID],
+};
+
+/// Gives back the version an append took when it turns out to be a retry (see `append`).
+static UNDO_VERSION: Stmt = Stmt {
+    sql: "UPDATE ep.streams SET version = version - $2 WHERE stream_id = $1",
+    types: &[pg_sys::TEXTOID, pg_sys::INT8OID],
+};
+
+/// Whether ep.events has the `event_id` column (0.3.0 on). ALTER EXTENSION ... UPDATE adds it
+/// under running backends, so this takes the lock the insert needs first (RowExclusiveLock, which
+/// the update's ALTER TABLE conflicts with) and looks after it: the answer then holds until the
+/// append's transaction ends. (Looking without the lock, an append decided on 0.2.0's insert, the
+/// update committed, and the insert failed on the new NOT NULL column: upgrade.rs.)
+fn has_event_ids(cat: &Catalog) -> bool {
+    // SAFETY: locks a relation of ours by OID (held to the end of the transaction, as the insert's
+    // own lock would be; acquiring it processes pending invalidations), then a syscache lookup by
+    // relation OID and name, InvalidAttrNumber when there is none.
+    unsafe {
+        pg_sys::LockRelationOid(cat.events_rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        pg_sys::get_attnum(cat.events_rel, c"event_id".as_ptr()) != pg_sys::InvalidAttrNumber as i16
+    }
+}
+
+/// A new event id: a version 7 UUID (48 bits of Unix milliseconds, then 74 random bits), so that
+/// ids generated together sit together at the right edge of the unique index instead of
+/// touching a random page of it per append.
+fn new_event_id() -> pgrx::Uuid {
+    let mut b = [0u8; 16];
+    // SAFETY: pg_strong_random writes exactly the 10 bytes asked for into the buffer.
+    if !unsafe { pg_sys::pg_strong_random(b[6..].as_mut_ptr().cast(), 10) } {
+        error!("event_projections: could not generate random bytes for an event id");
+    }
+    let ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    b[6] = 0x70 | (b[6] & 0x0f);
+    b[8] = 0x80 | (b[8] & 0x3f);
+    pgrx::Uuid::from_bytes(b)
+}
+
+/// An `"id"` member of `ep_append_events`: a UUID in PostgreSQL's text forms (hex digits, with
+/// or without hyphens between groups of four, optionally in braces).
+fn parse_event_id(text: &str) -> Option<pgrx::Uuid> {
+    let inner = text.strip_prefix('{').and_then(|t| t.strip_suffix('}')).unwrap_or(text);
+    let mut b = [0u8; 16];
+    let mut digits = 0usize;
+    let mut last_was_hyphen = true; // no leading hyphen
+    for c in inner.chars() {
+        if c == '-' {
+            if last_was_hyphen || !digits.is_multiple_of(4) {
+                return None;
+            }
+            last_was_hyphen = true;
+            continue;
+        }
+        let v = c.to_digit(16)? as u8;
+        if digits == 32 {
+            return None;
+        }
+        b[digits / 2] |= if digits.is_multiple_of(2) { v << 4 } else { v };
+        digits += 1;
+        last_was_hyphen = false;
+    }
+    (digits == 32 && !last_was_hyphen).then(|| pgrx::Uuid::from_bytes(b))
+}
 
 fn next_position(cat: &Catalog) -> i64 {
     // SAFETY: nextval_oid with the OID of our sequence, which exists (the catalog was looked up).
@@ -151,24 +300,27 @@ pub fn append_one(
     data: Option<RawJsonb>,
     metadata: Option<RawJsonb>,
     expected: Option<i64>,
+    id: Option<pgrx::Uuid>,
 ) -> Result<i64, LogError> {
     let stream = required_text(stream, "stream_id")?;
     let event_type = required_text(event_type, "event_type")?;
+    check_type(event_type, "event_type")?;
     let data = required(data, "data")?;
-    let ev = NewEvent { event_type: event_type.into(), data: data.0, metadata: metadata.map(|m| m.0) };
+    let ev = NewEvent { event_type: event_type.into(), data: data.0, metadata: metadata.map(|m| m.0), id };
     append(stream, &[ev], expected)
 }
 
 static ELEMENTS: Stmt = Stmt {
     sql: "SELECT a.o, pg_catalog.jsonb_typeof(a.e), pg_catalog.jsonb_typeof(a.e -> 'type'), a.e ->> 'type', a.e -> 'data', \
-                 CASE WHEN pg_catalog.jsonb_typeof(a.e -> 'metadata') = 'null' THEN NULL ELSE a.e -> 'metadata' END \
+                 CASE WHEN pg_catalog.jsonb_typeof(a.e -> 'metadata') = 'null' THEN NULL ELSE a.e -> 'metadata' END, \
+                 pg_catalog.jsonb_typeof(a.e -> 'id'), a.e ->> 'id' \
           FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS a(e, o) ORDER BY a.o",
     types: &[pg_sys::JSONBOID],
 };
 
 static TYPEOF: Stmt = Stmt { sql: "SELECT pg_catalog.jsonb_typeof($1)", types: &[pg_sys::JSONBOID] };
 
-/// `ep_append_events`: a JSON array of `{"type", "data", "metadata"}`, all or nothing.
+/// `ep_append_events`: a JSON array of `{"type", "data", "metadata", "id"}`, all or nothing.
 pub fn append_many(stream: Option<&str>, events: Option<RawJsonb>, expected: Option<i64>) -> Result<i64, LogError> {
     let stream = required_text(stream, "stream_id")?;
     let events = required(events, "events")?;
@@ -197,14 +349,141 @@ pub fn append_many(stream: Option<&str>, events: Option<RawJsonb>, expected: Opt
             if event_type.is_empty() {
                 return Err(invalid(format!("element {n} has an empty \"type\"")));
             }
+            if event_type.starts_with('$') {
+                return Err(invalid(format!(
+                    "element {n} has type \"{event_type}\" (types beginning with \"$\" are the extension's own markers)"
+                )));
+            }
             let Some(data) = rows.datum_in(i, 5, cxt) else {
                 return Err(invalid(format!("element {n} has no \"data\"")));
             };
-            out.push(NewEvent { event_type, data, metadata: rows.datum_in(i, 6, cxt) });
+            let id = match rows.get::<String>(i, 7).as_deref() {
+                None | Some("null") => None,
+                Some("string") => {
+                    let text: String = rows.get(i, 8).unwrap_or_default();
+                    Some(
+                        parse_event_id(&text)
+                            .ok_or_else(|| invalid(format!("element {n} has an \"id\" that is not a UUID")))?,
+                    )
+                }
+                Some(other) => {
+                    return Err(invalid(format!("element {n} has an \"id\" that is a {other}, not a UUID string")))
+                }
+            };
+            out.push(NewEvent { event_type, data, metadata: rows.datum_in(i, 6, cxt), id });
         }
         Ok(out)
     });
     append(stream, &parsed?, expected)
+}
+
+/// Why events are appended: for a client, or as the marker of a stream's deletion (section 16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    Append,
+    Delete { hard: bool },
+    Undelete,
+}
+
+impl Purpose {
+    /// Whether this append may go on, given the stream's state under its row lock (A7): `before`
+    /// events, and its `deleted` mark.
+    fn allowed(self, stream: &str, before: i64, deleted: Option<&str>) -> Result<(), LogError> {
+        let gone = |hard: bool| LogError::StreamDeleted { stream: stream.into(), hard };
+        match (self, deleted) {
+            (Purpose::Append, None) => Ok(()),
+            (_, Some("hard")) => Err(gone(true)),
+            (Purpose::Append, Some(_)) | (Purpose::Delete { hard: false }, Some(_)) => Err(gone(false)),
+            (_, _) if before == 0 => Err(LogError::NoSuchStream(stream.into())),
+            (Purpose::Delete { .. }, _) => Ok(()),
+            (Purpose::Undelete, Some(_)) => Ok(()),
+            (Purpose::Undelete, None) => Err(LogError::NotDeleted(stream.into())),
+        }
+    }
+}
+
+/// Event types beginning with `$` are the extension's own markers, which projections act on
+/// (`$stream_deleted`): a client cannot append them.
+fn check_type(event_type: &str, arg: &'static str) -> Result<(), ArgError> {
+    if event_type.starts_with('$') {
+        return Err(ArgError::Invalid {
+            arg,
+            problem: format!("\"{event_type}\" (types beginning with \"$\" are the extension's own markers)"),
+        });
+    }
+    Ok(())
+}
+
+/// What an append writes: its events, or nothing because they were in the log already.
+enum Written {
+    Now(Vec<pg_sys::Datum>, Vec<i64>),
+    Before(i64),
+}
+
+/// The ids of the events of one append.
+struct EventIds {
+    /// Every event's id, the generated ones included.
+    all: Vec<pgrx::Uuid>,
+    /// Whether the caller gave any (only then can the append be a retry).
+    given: bool,
+    /// Whether this database's log stores them (not before ALTER EXTENSION ... UPDATE to 0.3.0).
+    stored: bool,
+}
+
+impl EventIds {
+    fn of(cat: &Catalog, events: &[NewEvent]) -> Result<EventIds, LogError> {
+        let given = events.iter().any(|e| e.id.is_some());
+        let stored = has_event_ids(cat);
+        if given && !stored {
+            return Err(LogError::NeedsUpdate);
+        }
+        let all: Vec<pgrx::Uuid> = events.iter().map(|e| e.id.unwrap_or_else(new_event_id)).collect();
+        if given {
+            let mut seen = std::collections::HashSet::with_capacity(all.len());
+            if let Some(dup) = all.iter().find(|id| !seen.insert(id.as_bytes())) {
+                return Err(LogError::Arg(ArgError::Invalid {
+                    arg: "events",
+                    problem: format!("event id {dup} is given to more than one event"),
+                }));
+            }
+        }
+        Ok(EventIds { all, given, stored })
+    }
+}
+
+/// The position of the last event when every event of the batch is in the log already with the
+/// same stream, type and data (a retry); None when none of them is; an error otherwise.
+fn already_appended(
+    client: &pgrx::spi::SpiClient<'_>,
+    stream: &str,
+    events: &[NewEvent],
+    ids: &EventIds,
+) -> Result<Option<i64>, LogError> {
+    let given: Vec<Option<pgrx::Uuid>> = events.iter().map(|e| e.id).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    let data: Vec<pg_sys::Datum> = events.iter().map(|e| e.data).collect();
+    let rows = spi::exec(
+        client,
+        &ALREADY,
+        &[given.into_datum(), spi::text(stream), types.into_datum(), spi::varlena_array(&data, pg_sys::JSONBOID)],
+        Snap::Fresh,
+        0,
+    );
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let id_of = |i: usize| ids.all[(rows.get::<i64>(i, 1).unwrap_or(1) - 1) as usize].to_string();
+    let mut last = 0;
+    for i in 0..rows.len() {
+        if rows.get::<bool>(i, 3) != Some(true) {
+            return Err(LogError::IdReused { id: id_of(i) });
+        }
+        last = last.max(rows.get::<i64>(i, 2).unwrap_or(0));
+    }
+    if rows.len() < events.len() {
+        return Err(LogError::PartlyAppended { id: id_of(0) });
+    }
+    Ok(Some(last))
 }
 
 fn check_expected(expected: Option<i64>) -> Result<(), ArgError> {
@@ -219,8 +498,19 @@ fn check_expected(expected: Option<i64>) -> Result<(), ArgError> {
 
 /// A2..A11 for validated input. Returns the global position of the last event.
 fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i64, LogError> {
+    append_as(stream, events, expected, Purpose::Append)
+}
+
+/// `append`, for one of the purposes the extension appends for.
+pub(crate) fn append_as(
+    stream: &str,
+    events: &[NewEvent],
+    expected: Option<i64>,
+    purpose: Purpose,
+) -> Result<i64, LogError> {
     check_expected(expected)?;
     let cat = catalog::require();
+    let ids = EventIds::of(&cat, events)?;
     let mut types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     types.sort_unstable();
     types.dedup();
@@ -253,16 +543,36 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
     }
 
     let n = events.len() as i64;
-    let returning = usize::from(!projections.is_empty());
+    let returning = !projections.is_empty();
     // SAFETY: a plain read of the current memory context.
     let cxt = unsafe { pg_sys::CurrentMemoryContext };
-    let written: Result<(Vec<pg_sys::Datum>, Vec<i64>), LogError> = catalog::privileged(&cat, || {
+    let written: Result<Written, LogError> = catalog::privileged(&cat, || {
         Spi::connect(|client| {
+            // A retry of an append that committed writes nothing: looked for before the stream
+            // lock, and again once it is held (a first attempt may have committed meanwhile).
+            if ids.given {
+                if let Some(p) = already_appended(client, stream, events, &ids)? {
+                    return Ok(Written::Before(p));
+                }
+            }
             // A7: the stream row lock, then the expected version, before any position is taken.
-            let version: i64 = spi::exec(client, &UPSERT_STREAM, &[spi::text(stream), spi::int8(n)], Snap::Fresh, 0)
-                .get(0, 1)
-                .unwrap_or(n);
+            let row = spi::exec(
+                client,
+                &UPSERT_STREAM[usize::from(ids.stored)],
+                &[spi::text(stream), spi::int8(n)],
+                Snap::Fresh,
+                0,
+            );
+            let version: i64 = row.get(0, 1).unwrap_or(n);
+            let deleted: Option<String> = row.get(0, 2);
             let before = version - n;
+            if ids.given {
+                if let Some(p) = already_appended(client, stream, events, &ids)? {
+                    spi::exec(client, &UNDO_VERSION, &[spi::text(stream), spi::int8(n)], Snap::Fresh, 0);
+                    return Ok(Written::Before(p));
+                }
+            }
+            purpose.allowed(stream, before, deleted.as_deref())?;
             if let Some(exp) = expected {
                 if exp != before {
                     return Err(LogError::WrongExpectedVersion {
@@ -277,48 +587,47 @@ fn append(stream: &str, events: &[NewEvent], expected: Option<i64>) -> Result<i6
             let positions: Vec<i64> = (0..n).map(|_| next_position(&cat)).collect();
             inflight::end_allocation(positions[0]);
             // A9.
-            let appending = Appending::start();
+            let appending = OwnWrite::start("INSERT");
             let rows = if events.len() == 1 {
                 let e = &events[0];
-                spi::exec(
-                    client,
-                    &INSERT_ONE[returning],
-                    &[
-                        spi::int8(positions[0]),
-                        spi::text(stream),
-                        spi::int8(before + 1),
-                        spi::text(&e.event_type),
-                        Some(e.data),
-                        e.metadata,
-                    ],
-                    Snap::Fresh,
-                    0,
-                )
+                let mut args = vec![
+                    spi::int8(positions[0]),
+                    spi::text(stream),
+                    spi::int8(before + 1),
+                    spi::text(&e.event_type),
+                    Some(e.data),
+                    e.metadata,
+                ];
+                if ids.stored {
+                    args.push(ids.all[0].into_datum());
+                }
+                spi::exec(client, INSERT_ONE.get(ids.stored, returning), &args, Snap::Fresh, 0)
             } else {
                 let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
                 let data: Vec<pg_sys::Datum> = events.iter().map(|e| e.data).collect();
-                let meta = metadata_array(events);
-                spi::exec(
-                    client,
-                    &INSERT_MANY[returning],
-                    &[
-                        positions.clone().into_datum(),
-                        spi::text(stream),
-                        spi::int8(before),
-                        types.into_datum(),
-                        spi::varlena_array(&data, pg_sys::JSONBOID),
-                        meta,
-                    ],
-                    Snap::Fresh,
-                    0,
-                )
+                let mut args = vec![
+                    positions.clone().into_datum(),
+                    spi::text(stream),
+                    spi::int8(before),
+                    types.into_datum(),
+                    spi::varlena_array(&data, pg_sys::JSONBOID),
+                    metadata_array(events),
+                ];
+                if ids.stored {
+                    args.push(ids.all.clone().into_datum());
+                }
+                spi::exec(client, INSERT_MANY.get(ids.stored, returning), &args, Snap::Fresh, 0)
             };
             drop(appending);
             let datums = (0..rows.len()).map(|i| rows.datum_in(i, 1, cxt).expect("RETURNING e")).collect();
-            Ok((datums, positions))
+            Ok(Written::Now(datums, positions))
         })
     });
-    let (rows, positions) = written?;
+    let (rows, positions) = match written? {
+        Written::Now(rows, positions) => (rows, positions),
+        // Nothing of this call was written, so no handler runs and nobody is told.
+        Written::Before(position) => return Ok(position),
+    };
     let last = positions[positions.len() - 1];
     // The subscriptions of these types hear of it at commit (NOTIFY is transactional).
     crate::subscription::notify(&view.channels, &types, last);
@@ -407,7 +716,7 @@ impl SqlError for AppendOnly {
 /// An INSERT passes only from ep_append itself, or as the COPY of a restore: pg_dump writes the log
 /// as `COPY ep.events (...) FROM stdin;`, and only the table owner may COPY into it.
 pub fn guard(op: &'static str) {
-    if op == "INSERT" && (APPENDING.with(|a| a.get()) || restoring()) {
+    if OWN_WRITE.with(|a| a.get()) == Some(op) || (op == "INSERT" && restoring()) {
         return;
     }
     raise(&AppendOnly { op });

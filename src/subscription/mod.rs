@@ -70,6 +70,14 @@ static READ_ALL: Stmt = Stmt {
     types: &[pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID],
 };
 
+/// `READ_ALL` of one correlation id, in the words of the partial index events_correlation_idx.
+static READ_CORRELATED: Stmt = Stmt {
+    sql: "SELECT e FROM ep.events e WHERE e.global_position > $1 AND e.global_position <= $2 \
+          AND e.metadata ? 'correlation_id' AND (e.metadata ->> 'correlation_id') = $4 \
+          ORDER BY e.global_position LIMIT $3",
+    types: &[pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::TEXTOID],
+};
+
 fn check_count(max_count: Option<i32>) -> Result<i64, ArgError> {
     match max_count {
         None => Err(ArgError::Null("max_count")),
@@ -103,7 +111,11 @@ fn rows(stmt: &Stmt, args: &[Option<pg_sys::Datum>]) -> Vec<pg_sys::Datum> {
 /// none above the high-water mark: a reader that continues after the last position it received
 /// misses nothing, whatever commits late or rolls back. The events are read with a snapshot taken
 /// after the mark was computed, at any isolation level.
-pub fn read_all(after: Option<i64>, max_count: Option<i32>) -> Result<Vec<pg_sys::Datum>, SubscriptionError> {
+pub fn read_all(
+    after: Option<i64>,
+    max_count: Option<i32>,
+    correlation_id: Option<&str>,
+) -> Result<Vec<pg_sys::Datum>, SubscriptionError> {
     let after = required(after, "after_position")?;
     if after < 0 {
         return Err(ArgError::Invalid { arg: "after_position", problem: format!("{after} (must be 0 or more)") }.into());
@@ -115,7 +127,11 @@ pub fn read_all(after: Option<i64>, max_count: Option<i32>) -> Result<Vec<pg_sys
     if hw <= after {
         return Ok(Vec::new());
     }
-    Ok(rows(&READ_ALL, &[spi::int8(after), spi::int8(hw), spi::int8(limit)]))
+    let bounds = [spi::int8(after), spi::int8(hw), spi::int8(limit)];
+    Ok(match correlation_id {
+        None => rows(&READ_ALL, &bounds),
+        Some(id) => rows(&READ_CORRELATED, &[bounds[0], bounds[1], bounds[2], spi::text(id)]),
+    })
 }
 
 /// `ep_high_water`: the high-water mark (every position at or below it is committed and visible,
