@@ -290,7 +290,7 @@ fi
 # What event ids cost an append: the same library serving two fresh databases side by side, one
 # created at 0.2.0 (its log has no event_id column, the library appends without one) and one at
 # the current version; there, appends without an id (one is generated), with the caller's random
-# UUID v4, and with a correlation_id in metadata. 8 clients, synchronous_commit off, interleaved.
+# UUID v4, with the caller's time-ordered id, and with a correlation_id in metadata. 8 clients, synchronous_commit off, interleaved.
 if ! skip ids; then
   SHARE=$("$PGBIN/pg_config" --sharedir)/extension
   cp pgrx-tests/fixtures/event_projections--0.2.0.sql "$SHARE/" 2>/dev/null ||
@@ -299,14 +299,15 @@ if ! skip ids; then
   q bench_ids -c "CREATE EXTENSION event_projections" >/dev/null
   q bench_v020 -c "CREATE EXTENSION event_projections VERSION '0.2.0'" >/dev/null
   log "event ids: $ROUNDS_AP rounds of ${T_AP} s, 0.2.0 database vs current"
-  ids_cfgs=(v020 gen id corr)
+  ids_cfgs=(v020 gen id id7 corr)
   for r in $(seq 1 "$ROUNDS_AP"); do
-    for k in 0 1 2 3; do
-      c=${ids_cfgs[$(( (k + r - 1) % 4 ))]}
+    for k in 0 1 2 3 4; do
+      c=${ids_cfgs[$(( (k + r - 1) % 5 ))]}
       case $c in
         v020) db=bench_v020 script=ep_append ;;
         gen) db=bench_ids script=ep_append ;;
         id) db=bench_ids script=ep_append_id ;;
+        id7) db=bench_ids script=ep_append_id7 ;;
         corr) db=bench_ids script=ep_append_corr ;;
       esac
       q "$db" -c "CHECKPOINT" >/dev/null

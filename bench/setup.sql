@@ -101,7 +101,7 @@ END $$;
 -- psql -c "COPY ep.events FROM STDIN"; then bench.after_load().
 CREATE FUNCTION bench.history(first_position bigint, n bigint, accounts int, etype text)
 RETURNS TABLE (global_position bigint, stream_id text, stream_position bigint, event_type text,
-               data jsonb, metadata jsonb, created_at timestamptz)
+               data jsonb, metadata jsonb, created_at timestamptz, event_id uuid)
 LANGUAGE sql AS $$
     WITH v AS MATERIALIZED (SELECT s.stream_id, s.version FROM ep.streams s)
     SELECT first_position + g.i - 1,
@@ -111,7 +111,8 @@ LANGUAGE sql AS $$
            etype,
            jsonb_build_object('account', g.i % accounts + 1, 'amount', (g.i * 7919) % 100 + 1),
            NULL::jsonb,
-           now()
+           now(),
+           gen_random_uuid()
     FROM (SELECT i, 'acct-' || (i % accounts + 1) AS sid FROM generate_series(1::bigint, n) AS i) g
     -- (a hash join on the few streams: the rows come out in generation order, so the heap is
     -- in position order, as a log written by appends is)

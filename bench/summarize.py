@@ -95,6 +95,7 @@ def main(outdir):
     b = med(g, "ids", "v020", "tps")
     for var, label in (("gen", "ep_append, generated event id (UUID v7)"),
                        ("id", "ep_append, caller's event id (random UUID v4)"),
+                       ("id7", "ep_append, caller's event id (time-ordered, as UUID v7)"),
                        ("corr", "ep_append, correlation_id in metadata (partial index)")):
         e = med(g, "ids", var, "tps")
         if e is None or b is None:

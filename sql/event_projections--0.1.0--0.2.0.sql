@@ -196,7 +196,7 @@ BEGIN
                CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END), ' ')
       INTO grants
       FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) g
-     WHERE p.oid = 'ep_register_projection(text, regprocedure, text, text[], text)'::pg_catalog.regprocedure
+     WHERE p.oid OPERATOR(pg_catalog.=) 'ep_register_projection(text, regprocedure, text, text[], text)'::pg_catalog.regprocedure
        AND g.grantee OPERATOR(pg_catalog.<>) p.proowner;
     IF grants IS NOT NULL THEN
         RAISE WARNING 'ep_register_projection has a new signature in 0.2.0; its grants are not carried over'

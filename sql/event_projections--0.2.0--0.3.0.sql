@@ -11,14 +11,22 @@
 
 \echo Use "ALTER EXTENSION event_projections UPDATE" to load this file. \quit
 
+-- Both tables at once, first, in the order appends lock them (ep.events, then ep.streams): the
+-- update waits for the appends in progress and new ones wait for it. A transaction that read
+-- ep.streams and then appends while the update waits can still deadlock with it; PostgreSQL then
+-- cancels one of them, and the update can simply be run again.
+LOCK TABLE ep.events, ep.streams IN ACCESS EXCLUSIVE MODE;
+
 -- Event ids (sql/schema.sql). The events already in the log get random ids: the table is
 -- rewritten once, under an ACCESS EXCLUSIVE lock (appends and workers wait for it; README,
 -- "Upgrading"). The guard trigger does not fire for a rewrite.
 ALTER TABLE ep.events ADD COLUMN event_id uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid();
 ALTER TABLE ep.events ALTER COLUMN event_id DROP DEFAULT;
 ALTER TABLE ep.events ADD CONSTRAINT events_event_id_key UNIQUE (event_id);
-CREATE INDEX events_correlation_idx ON ep.events ((metadata ->> 'correlation_id'), global_position)
-    WHERE metadata ? 'correlation_id';
+-- (Operators qualified: this runs with the extension schema on the path, where another role may
+-- have created an operator that matches these argument types better.)
+CREATE INDEX events_correlation_idx ON ep.events ((metadata OPERATOR(pg_catalog.->>) 'correlation_id'::text), global_position)
+    WHERE metadata OPERATOR(pg_catalog.?) 'correlation_id'::text;
 
 -- Deleting streams (sql/schema.sql). After ep.events: an append holding its lock on ep.events
 -- makes this script wait before it changes anything (src/log/mod.rs, has_event_ids).
@@ -32,7 +40,7 @@ CREATE TABLE ep.stream_deletions (
     marker_position bigint     NOT NULL,
     -- Hard deletes: how many events were removed (every event of the stream before the marker).
     events_removed bigint      NOT NULL DEFAULT 0,
-    done_by        regrole     NOT NULL,
+    done_by        text        NOT NULL,  -- the role's name (a role can be dropped, an oid reused)
     done_at        timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 SELECT pg_catalog.pg_extension_config_dump('ep.stream_deletions', '');
@@ -56,7 +64,7 @@ BEGIN
                    CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END), ' ')
           INTO grants
           FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) g
-         WHERE p.oid = f.old::pg_catalog.regprocedure
+         WHERE p.oid OPERATOR(pg_catalog.=) f.old::pg_catalog.regprocedure
            AND g.grantee OPERATOR(pg_catalog.<>) p.proowner;
         IF grants IS NOT NULL THEN
             RAISE WARNING '% has a new signature in 0.3.0; its grants are not carried over', f.old

@@ -29,8 +29,10 @@ CREATE TABLE ep.events (
 );
 -- ep_read_stream and ep_read_all filter by metadata's correlation_id (README, "Event ids and
 -- metadata"); only events that carry one are in the index, so no other append pays for it.
-CREATE INDEX events_correlation_idx ON ep.events ((metadata ->> 'correlation_id'), global_position)
-    WHERE metadata ? 'correlation_id';
+-- (Operators qualified: this runs with the extension schema on the path, where another role may
+-- have created an operator that matches these argument types better.)
+CREATE INDEX events_correlation_idx ON ep.events ((metadata OPERATOR(pg_catalog.->>) 'correlation_id'::text), global_position)
+    WHERE metadata OPERATOR(pg_catalog.?) 'correlation_id'::text;
 COMMENT ON TABLE ep.events IS
   'The event log (append-only; write with ep_append / ep_append_events). Its row type is the value handed to projection handlers.';
 
@@ -55,7 +57,7 @@ CREATE TABLE ep.stream_deletions (
     marker_position bigint     NOT NULL,
     -- Hard deletes: how many events were removed (every event of the stream before the marker).
     events_removed bigint      NOT NULL DEFAULT 0,
-    done_by        regrole     NOT NULL,
+    done_by        text        NOT NULL,  -- the role's name (a role can be dropped, an oid reused)
     done_at        timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 

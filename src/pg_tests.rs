@@ -152,7 +152,7 @@ mod tests {
         assert_eq!(one::<i64>("SELECT ep_stream_version('b')"), Some(2));
         assert_fails(
             "SELECT ep_append_events('b', '[{\"type\":\"A\",\"data\":{},\"id\":\"0190f5a4-2222-7000-8000-000000000001\"},\
-                                          {\"type\":\"C\",\"data\":{}}]')",
+                                          {\"type\":\"C\",\"data\":{},\"id\":\"0190f5a4-2222-7000-8000-000000000003\"}]')",
             "23505",
         );
         assert_eq!(one::<i64>("SELECT ep_stream_version('b')"), Some(2));
@@ -262,6 +262,31 @@ mod tests {
     }
 
     #[pg_test]
+    fn handlers_cannot_append_to_or_delete_the_stream_being_deleted() {
+        serial();
+        run("CREATE SCHEMA z;
+             CREATE FUNCTION z.zombie(e ep.events) RETURNS void LANGUAGE plpgsql AS $$
+             BEGIN PERFORM ep_append(e.stream_id, 'Zombie', '{}'); END $$;
+             CREATE FUNCTION z.deleter(e ep.events) RETURNS void LANGUAGE plpgsql AS $$
+             BEGIN PERFORM ep_delete_stream(e.stream_id, true); END $$;");
+        run("SELECT ep_append('a', 'T', '{}')");
+        run("SELECT ep_register_projection('zombie', 'z.zombie(ep.events)', 'inline', ARRAY['$stream_deleted'], 'z')");
+        // The marker's handler appends to the stream: the stream is already marked (55000), and
+        // the whole delete is rolled back.
+        assert_fails("SELECT ep_delete_stream('a', true)", "55000");
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep.events WHERE stream_id = 'a'"), Some(1));
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep.stream_deletions"), Some(0));
+        run("SELECT ep_unregister_projection('zombie')");
+        // A handler may not delete streams at all.
+        run("SELECT ep_register_projection('deleter', 'z.deleter(ep.events)', 'inline', ARRAY['U'], 'z')");
+        assert_fails("SELECT ep_append('a', 'U', '{}')", "55000");
+        assert_fails("SELECT ep_append('b', 'U', '{}')", "55000");
+        run("SELECT ep_unregister_projection('deleter')");
+        run("SELECT ep_delete_stream('a', true)");
+        assert_eq!(one::<i64>("SELECT count(*) FROM ep.events WHERE stream_id = 'a'"), Some(1));
+    }
+
+    #[pg_test]
     fn append_events_is_all_or_nothing() {
         serial();
         create_counter("m");
@@ -311,6 +336,11 @@ mod tests {
                 "22023",
             ),
             ("SELECT ep_append('s', 'T', '{}', NULL, NULL, 'zz')", "22P02"),
+            (
+                "SELECT ep_append_events('s', '[{\"type\":\"T\",\"data\":{},\"id\":\"0190f5a4-1111-7000-8000-000000000009\"},\
+                                             {\"type\":\"U\",\"data\":{}}]')",
+                "22023",
+            ),
             ("SELECT * FROM ep_read_stream(NULL)", "22004"),
             ("SELECT * FROM ep_read_stream('s', 0)", "22023"),
             ("SELECT * FROM ep_read_stream('s', 1, 0)", "22023"),

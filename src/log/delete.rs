@@ -2,8 +2,9 @@
 //!
 //! Each appends a marker event to the stream through the normal append (so that inline handlers
 //! run in the same transaction, async projections, rebuilds and subscriptions read it from the log
-//! like any event, and the stream's row lock orders it against every append), then marks the
-//! stream in `ep.streams` and records the action in `ep.stream_deletions`. A hard delete also
+//! like any event, and the stream's row lock orders it against every append), which also marks
+//! the stream in `ep.streams` under that lock, before any handler runs; then the action is
+//! recorded in `ep.stream_deletions`. Never from inside a handler. A hard delete also
 //! removes every event of the stream below its marker, as the extension owner.
 
 use super::{append_as, LogError, NewEvent, OwnWrite, Purpose};
@@ -18,9 +19,6 @@ pub const DELETED: &str = "$stream_deleted";
 /// The marker an undelete appends; its data is `{}`.
 pub const UNDELETED: &str = "$stream_undeleted";
 
-static MARK: Stmt =
-    Stmt { sql: "UPDATE ep.streams SET deleted = $2 WHERE stream_id = $1", types: &[pg_sys::TEXTOID, pg_sys::TEXTOID] };
-
 static REMOVE: Stmt = Stmt {
     sql: "WITH gone AS (DELETE FROM ep.events WHERE stream_id = $1 AND global_position < $2 RETURNING 1) \
           SELECT count(*) FROM gone",
@@ -29,51 +27,52 @@ static REMOVE: Stmt = Stmt {
 
 static RECORD: Stmt = Stmt {
     sql: "INSERT INTO ep.stream_deletions (stream_id, action, marker_position, events_removed, done_by) \
-          VALUES ($1, $2, $3, $4, $5::oid::regrole)",
-    types: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::OIDOID],
+          VALUES ($1, $2, $3, $4, $5)",
+    types: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::TEXTOID],
 };
 
 /// `ep_delete_stream`: returns the position of the `$stream_deleted` marker.
 pub fn delete_stream(stream: Option<&str>, hard: Option<bool>) -> Result<i64, LogError> {
     let stream = required_text(stream, "stream_id")?;
     let hard = required(hard, "hard")?;
-    let purpose = Purpose::Delete { hard };
-    let marker = append_marker(stream, DELETED, purpose, serde_json::json!({"hard": hard}))?;
+    refuse_inside_handlers(stream)?;
+    // The append marks the stream under its row lock, before the marker's handlers run.
+    let marker = append_marker(stream, DELETED, Purpose::Delete { hard }, serde_json::json!({"hard": hard}))?;
+    let removed = if hard { remove_before(stream, marker) } else { 0 };
+    record(stream, if hard { "hard" } else { "soft" }, marker, removed);
+    Ok(marker)
+}
+
+/// Removes every event of `stream` below its hard marker, as the extension owner (the guard lets
+/// exactly this DELETE through); returns how many.
+fn remove_before(stream: &str, marker: i64) -> i64 {
     let cat = catalog::require();
-    let removed = catalog::privileged(&cat, || {
+    catalog::privileged(&cat, || {
         Spi::connect(|client| {
-            spi::exec(
-                client,
-                &MARK,
-                &[spi::text(stream), spi::text(if hard { "hard" } else { "soft" })],
-                Snap::Fresh,
-                0,
-            );
-            if !hard {
-                return 0;
-            }
             let _deleting = OwnWrite::start("DELETE");
             spi::exec(client, &REMOVE, &[spi::text(stream), spi::int8(marker)], Snap::Fresh, 0)
                 .get::<i64>(0, 1)
                 .unwrap_or(0)
         })
-    });
-    record(stream, if hard { "hard" } else { "soft" }, marker, removed);
-    Ok(marker)
+    })
 }
 
 /// `ep_undelete_stream`: returns the position of the `$stream_undeleted` marker.
 pub fn undelete_stream(stream: Option<&str>) -> Result<i64, LogError> {
     let stream = required_text(stream, "stream_id")?;
+    refuse_inside_handlers(stream)?;
     let marker = append_marker(stream, UNDELETED, Purpose::Undelete, serde_json::json!({}))?;
-    let cat = catalog::require();
-    catalog::privileged(&cat, || {
-        Spi::connect(|client| {
-            spi::exec(client, &MARK, &[spi::text(stream), None], Snap::Fresh, 0);
-        })
-    });
     record(stream, "undelete", marker, 0);
     Ok(marker)
+}
+
+/// A handler deleting a stream would do it under an event other projections may already have
+/// applied (or under the marker being applied): the models would no longer follow the log.
+fn refuse_inside_handlers(stream: &str) -> Result<(), LogError> {
+    if crate::sandbox::in_user_code() {
+        return Err(LogError::InsideHandler(stream.into()));
+    }
+    Ok(())
 }
 
 /// Appends the marker of `purpose` to `stream`; the append checks the stream's state under its
@@ -89,14 +88,14 @@ fn append_marker(stream: &str, event_type: &str, purpose: Purpose, data: serde_j
 }
 
 fn record(stream: &str, action: &str, marker: i64, removed: i64) {
-    let by = catalog::current_user();
+    let by = current_role_name();
     let cat = catalog::require();
     catalog::privileged(&cat, || {
         Spi::connect(|client| {
             spi::exec(
                 client,
                 &RECORD,
-                &[spi::text(stream), spi::text(action), spi::int8(marker), spi::int8(removed), by.into_datum()],
+                &[spi::text(stream), spi::text(action), spi::int8(marker), spi::int8(removed), spi::text(&by)],
                 Snap::Fresh,
                 0,
             );

@@ -18,6 +18,31 @@ use pgrx::prelude::*;
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
+thread_local! {
+    /// How many `run_as` calls are running (user code calling back into the extension nests).
+    static USER_CODE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts one `run_as` for its lifetime; an error unwinding through it counts it out.
+struct UserCode;
+impl UserCode {
+    fn enter() -> Self {
+        USER_CODE.with(|d| d.set(d.get() + 1));
+        UserCode
+    }
+}
+impl Drop for UserCode {
+    fn drop(&mut self) {
+        USER_CODE.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
+/// Whether a handler (or other user code run by the extension) is running in this backend: what
+/// must not happen from inside one (a stream deletion under the event it is applying) checks it.
+pub fn in_user_code() -> bool {
+    USER_CODE.with(|d| d.get() > 0)
+}
+
 /// Runs `f` as `role` with `search_path`, leaving the session exactly as it was:
 /// - the user id is `role`, with `SECURITY_RESTRICTED_OPERATION` set, so the code cannot change
 ///   the session's role, create temporary objects, open cursors WITH HOLD or LISTEN (what
@@ -29,6 +54,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 ///
 /// On an error the enclosing (sub)transaction's abort restores the user and the settings.
 pub fn run_as<R>(role: pg_sys::Oid, search_path: &str, f: impl FnOnce() -> R) -> R {
+    let _inside = UserCode::enter();
     let path = CString::new(search_path).unwrap_or_else(|_| CString::new(PINNED_PATH).expect("static"));
     let mut saved_user = pg_sys::Oid::INVALID;
     let mut saved_sec: i32 = 0;
