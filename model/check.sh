@@ -56,6 +56,12 @@ checks=(
   "replay-register-wide|pass|ep.pml|-DSCEN_REG -DREPLAY -DCFG0=0,1,1,2 -DCFG1=0,1,1,2 -DCFG2=1,2,0,2"
   "replay-register-rebuild|pass|ep.pml|-DSCEN_REGREB -DREPLAY -DNAPP=2 -DCFG1=0,2,1,2"
   "replay-async|pass|ep.pml|-DSCEN_ASYNC -DREPLAY"
+  # stream deletion (model/delete.pml): appends, a hard delete whose marker's handler appends, a reader
+  "delete|pass|delete.pml|-DHANDLER_APPENDS"
+  "delete-wide|pass|delete.pml|-DHANDLER_APPENDS -DNAPP=3"
+  "delete-no-handler|pass|delete.pml|"
+  "delete-bug-mark-after-handlers|fail|delete.pml|-DHANDLER_APPENDS -DBUG_MARK_AFTER_HANDLERS"
+  "delete-bug-mark-before-lock|fail|delete.pml|-DBUG_MARK_BEFORE_LOCK -DNAPP=2"
   "inplace-no-lock-timeout|pass|ep.pml|-DSCEN_INPLACE -DNO_LOCK_TIMEOUT"
   "bluegreen-no-lock-timeout|pass|ep.pml|-DSCEN_BG -DNO_LOCK_TIMEOUT"
   "mixed-lock-order|pass|ep.pml|-DSCEN_INPLACE -DMIXED_LOCK_ORDER"
