@@ -600,3 +600,14 @@ pub fn run_tool(tool: &str, args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `pg_dump -Fc` of `source`, restored with `pg_restore` into a new database `t_<target>`.
+pub fn dump_restored(source: &TestDb, target: &str) -> TestDb {
+    let file = std::env::temp_dir().join(format!("ep-ctest-{target}-{}.dump", std::process::id()));
+    let file = file.to_str().expect("a temporary path in UTF-8");
+    run_tool("pg_dump", &["-Fc", "-f", file, &source.name]);
+    let restored = TestDb::empty(target);
+    run_tool("pg_restore", &["--exit-on-error", "-d", &restored.name, file]);
+    let _ = std::fs::remove_file(file);
+    restored
+}

@@ -62,12 +62,7 @@ fn dump_and_restore() {
     let source_log = assert_counts_match_log(&mut c, "rm");
     assert!(burned > source_log.last().unwrap().global_position);
 
-    let file = std::env::temp_dir().join(format!("ep-ctest-{}.dump", std::process::id()));
-    let file = file.to_str().unwrap();
-    run_tool("pg_dump", &["-Fc", "-f", file, &source.name]);
-    let target = TestDb::empty("dump_target");
-    run_tool("pg_restore", &["--exit-on-error", "-d", &target.name, file]);
-    let _ = std::fs::remove_file(file);
+    let target = dump_restored(&source, "dump_target");
 
     let mut r = target.connect();
     for (table, order) in TABLES {

@@ -177,12 +177,7 @@ fn deletes_among_concurrent_writers_keep_models_equal_to_a_replay() {
 
     // A dump and restore keeps the deletions: the log without the removed events, the marks, the
     // record, and models equal to the replay.
-    let file = std::env::temp_dir().join(format!("ep-ctest-streams-{}.dump", std::process::id()));
-    let file = file.to_str().unwrap();
-    run_tool("pg_dump", &["-Fc", "-f", file, &db.name]);
-    let target = TestDb::empty("stream_deletes_restored");
-    run_tool("pg_restore", &["--exit-on-error", "-d", &target.name, file]);
-    let _ = std::fs::remove_file(file);
+    let target = dump_restored(&db, "stream_deletes_restored");
     let mut r = target.connect();
     assert_eq!(read_log(&mut r), read_log(&mut c));
     for schema in ["lc", "lca"] {
