@@ -312,3 +312,50 @@ fn every_released_version_has_an_update_path() {
         assert_eq!(path.as_deref(), Some(expected));
     }
 }
+
+/// The update scripts run with the extension's schema on the path. A role that may create objects
+/// there plants an `=` for `(oid, regprocedure)`, which matches the scripts' comparison of a
+/// function's oid with a signature better than pg_catalog's `oid = oid`, and a `->>` and `?` for
+/// the correlation index; the superuser's update calls none of them (operators are written
+/// `OPERATOR(pg_catalog.op)`), so the role does not become superuser and the update succeeds.
+#[test]
+fn the_update_calls_no_operator_planted_in_the_extension_schema() {
+    install_old_scripts();
+    let db = TestDb::empty("upgrade_planted");
+    let mut c = db.connect();
+    c.batch_execute(
+        "DROP ROLE IF EXISTS up_planter; CREATE ROLE up_planter;
+         CREATE SCHEMA ext; GRANT USAGE, CREATE ON SCHEMA ext TO up_planter;
+         CREATE EXTENSION event_projections VERSION '0.1.0' SCHEMA ext;
+         GRANT EXECUTE ON FUNCTION ext.ep_register_projection(text, regprocedure, text, text[], text) TO up_planter;
+         SET ROLE up_planter;
+         CREATE FUNCTION ext.planted_eq(oid, regprocedure) RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN ALTER ROLE up_planter SUPERUSER; RETURN $1 = $2::oid; END $$;
+         CREATE OPERATOR ext.= (LEFTARG = oid, RIGHTARG = regprocedure, FUNCTION = ext.planted_eq);
+         CREATE FUNCTION ext.planted_get(jsonb, jsonb) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+         BEGIN ALTER ROLE up_planter SUPERUSER; RETURN NULL; END $$;
+         CREATE OPERATOR ext.->> (LEFTARG = jsonb, RIGHTARG = jsonb, FUNCTION = ext.planted_get);
+         CREATE FUNCTION ext.planted_has(jsonb, jsonb) RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$
+         BEGIN ALTER ROLE up_planter SUPERUSER; RETURN false; END $$;
+         CREATE OPERATOR ext.? (LEFTARG = jsonb, RIGHTARG = jsonb, FUNCTION = ext.planted_has);
+         RESET ROLE;",
+    )
+    .unwrap_or_else(|e| panic!("planting: {}", show(&e)));
+    c.batch_execute("ALTER EXTENSION event_projections UPDATE").unwrap_or_else(|e| panic!("UPDATE: {}", show(&e)));
+    let (version, superuser): (String, bool) = {
+        let r = c
+            .query_one(
+                "SELECT (SELECT extversion FROM pg_extension WHERE extname = 'event_projections'),
+                        (SELECT rolsuper FROM pg_roles WHERE rolname = 'up_planter')",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(version, CURRENT);
+    assert!(!superuser, "the update ran an operator planted in the extension's schema");
+    c.batch_execute(
+        "DROP EXTENSION event_projections CASCADE; DROP OWNED BY up_planter CASCADE; DROP ROLE up_planter;",
+    )
+    .unwrap();
+}
