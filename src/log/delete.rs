@@ -103,10 +103,7 @@ fn record(stream: &str, action: &str, marker: i64, removed: i64) {
     });
 }
 
+/// The calling role's name (recorded by name: a role can be dropped and its oid reused).
 fn current_role_name() -> String {
-    // SAFETY: the name of the current user id, which exists while the session runs.
-    unsafe {
-        let name = pg_sys::GetUserNameFromId(catalog::current_user(), false);
-        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
-    }
+    crate::sandbox::role_name(catalog::current_user()).unwrap_or_default()
 }
