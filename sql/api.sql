@@ -12,6 +12,9 @@ RETURNS SETOF ep.events
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    hidden boolean;
+    cut    bigint;
 BEGIN
     IF stream_id IS NULL THEN
         RAISE EXCEPTION 'stream_id must not be NULL' USING ERRCODE = '22004';
@@ -20,10 +23,15 @@ BEGIN
     ELSIF max_count IS NULL OR max_count < 1 THEN
         RAISE EXCEPTION 'invalid max_count: % (must be at least 1)', max_count USING ERRCODE = '22023';
     END IF;
-    -- A deleted stream is hidden (README, "Deleting streams").
-    IF EXISTS (SELECT FROM ep.streams s WHERE s.stream_id = ep_read_stream.stream_id AND s.deleted IS NOT NULL) THEN
+    -- A deleted stream is hidden (README, "Deleting streams"); a stream cut by a retention policy
+    -- starts at the cut, also while the worker is still removing the events below it (README,
+    -- "Retention").
+    SELECT s.deleted IS NOT NULL, s.truncated_before INTO hidden, cut
+      FROM ep.streams s WHERE s.stream_id = ep_read_stream.stream_id;
+    IF hidden THEN
         RETURN;
     END IF;
+    from_position := GREATEST(from_position, COALESCE(cut, 1));
     IF correlation_id IS NULL THEN
         RETURN QUERY
             SELECT e.* FROM ep.events e
@@ -199,12 +207,68 @@ BEGIN
 END $$;
 CREATE EVENT TRIGGER ep_guard_dependencies ON sql_drop EXECUTE FUNCTION ep.guard_dependencies();
 
+-- Retention (README, "Retention"): how far the worker may remove events a policy cut. Nothing
+-- while a rebuild is queued or running; otherwise up to the slowest consumer, so that no async
+-- projection and no subscription misses an event to retention. `waiting_for` names what holds
+-- the removal back (NULL: nothing; every event is delivered and acknowledged).
+CREATE VIEW ep.retention_horizon AS
+WITH rebuild AS (
+    SELECT r.projection FROM ep.rebuilds r WHERE r.status IN ('queued', 'running') ORDER BY r.id LIMIT 1
+), slowest AS (
+    SELECT c.position, c.who FROM (
+        SELECT p.position, pg_catalog.format('projection %I (delivered up to %s)', p.name, p.position) AS who
+          FROM ep.projections p WHERE p.mode = 'async'
+        UNION ALL
+        SELECT m.position, pg_catalog.format('subscription %I member %s (acknowledged up to %s)', m.subscription, m.member, m.position)
+          FROM ep.subscription_members m) c
+     ORDER BY c.position LIMIT 1
+), head AS (
+    SELECT COALESCE(max(e.global_position), 0) AS position FROM ep.events e
+)
+SELECT CASE WHEN EXISTS (SELECT FROM rebuild) THEN 0
+            ELSE LEAST((SELECT s.position FROM slowest s), (SELECT h.position FROM head h)) END AS horizon,
+       COALESCE((SELECT pg_catalog.format('rebuild of projection %I', r.projection) FROM rebuild r),
+                (SELECT s.who FROM slowest s, head h WHERE s.position < h.position)) AS waiting_for;
+COMMENT ON VIEW ep.retention_horizon IS
+  'How far retention may remove events (global position; 0 while a rebuild is queued or running), and what holds it back.';
+
+-- One row per retention policy, with its progress.
+CREATE VIEW ep.retention AS
+SELECT p.stream_pattern,
+       p.max_age,
+       p.max_count,
+       p.truncate_before,
+       p.set_by,
+       p.set_at,
+       p.scan_after IS NOT NULL                    AS scanning,
+       p.last_scan_at,
+       COALESCE(t.streams_cut, 0)                  AS streams_cut,
+       COALESCE(t.events_removed, 0)::bigint       AS events_removed,
+       COALESCE(t.events_pending, 0)::bigint       AS events_pending,
+       CASE WHEN COALESCE(t.events_pending, 0) > 0 THEN h.waiting_for END AS waiting_for,
+       -- A handler's error can quote an event: shown to roles that may read the column.
+       CASE WHEN pg_catalog.has_column_privilege('ep.stream_policies', 'last_error', 'SELECT')
+            THEN p.last_error END                  AS last_error,
+       p.last_error_at
+FROM ep.stream_policies p
+CROSS JOIN ep.retention_horizon h
+LEFT JOIN LATERAL (
+    SELECT count(*) AS streams_cut,
+           sum(x.events_removed) AS events_removed,
+           sum((SELECT count(*) FROM ep.events e, ep.streams s
+                 WHERE s.stream_id = x.stream_id AND e.stream_id = x.stream_id
+                   AND e.stream_position < s.truncated_before)) FILTER (WHERE x.pending) AS events_pending
+      FROM ep.stream_truncations x
+     WHERE x.stream_pattern = p.stream_pattern) t ON true;
+COMMENT ON VIEW ep.retention IS
+  'One row per retention policy: its limits, who set it, the worker''s scan, how many streams it cut and events it removed, how many cut events are still in the log, and what holds their removal back.';
+
 -- The launcher and worker processes of the whole cluster (shared memory), one row per busy slot.
 CREATE VIEW ep.workers AS
 SELECT w.slot, w.pid, w.database, w.doing, w.projection_id, w.projection, w.since, w.started
   FROM ep.worker_processes() w;
 COMMENT ON VIEW ep.workers IS
-  'One row per event_projections worker process of any database: its slot, pid, the database it serves, what it does now (starting, idle, rebuilding, delivering, yielding), the projection (named for this database), since when, and when it started.';
+  'One row per event_projections worker process of any database: its slot, pid, the database it serves, what it does now (starting, idle, rebuilding, delivering, retention, yielding), the projection (named for this database), since when, and when it started.';
 
 -- After CREATE EXTENSION, PUBLIC may do nothing with the log or the registry: no EXECUTE on any
 -- of the extension's functions (PostgreSQL grants it to PUBLIC by default), no privilege on its

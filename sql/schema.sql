@@ -44,7 +44,11 @@ CREATE TABLE ep.streams (
     -- NULL for a live stream; 'soft' (hidden from ep_read_stream, appends refused, undeletable)
     -- or 'hard' (its events removed, for good) after ep_delete_stream. Read with the row lock that
     -- every append takes (DESIGN.md, section 16).
-    deleted   text   CHECK (deleted IN ('soft', 'hard'))
+    deleted   text   CHECK (deleted IN ('soft', 'hard')),
+    -- NULL, or the cut of a retention policy: the stream's events below this stream position are
+    -- gone for readers (the worker removes them; ep.stream_truncations). Set under the row lock by
+    -- the append of the `$stream_truncated` marker (DESIGN.md, section 17).
+    truncated_before bigint CHECK (truncated_before >= 1)
 );
 
 -- Every ep_delete_stream and ep_undelete_stream: who, when, and what left the log.
@@ -60,6 +64,40 @@ CREATE TABLE ep.stream_deletions (
     done_by        text        NOT NULL,  -- the role's name (a role can be dropped, an oid reused)
     done_at        timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
+
+-- Retention (README, "Retention"; DESIGN.md, section 17): what ep_set_stream_policy set. Every
+-- stream whose id matches `stream_pattern` (LIKE) keeps the events that no policy of it cuts.
+CREATE TABLE ep.stream_policies (
+    stream_pattern  text        NOT NULL PRIMARY KEY CHECK (stream_pattern <> ''),
+    max_age         interval    CHECK (max_age > '0'::interval),
+    max_count       bigint      CHECK (max_count >= 1),
+    truncate_before bigint      CHECK (truncate_before >= 1),
+    set_by          text        NOT NULL,  -- the role's name
+    set_at          timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- The worker's scan of the matching streams: the last stream looked at (NULL: the next scan
+    -- starts from the first), and when the last complete scan ended.
+    scan_after      text,
+    last_scan_at    timestamptz,
+    -- The last cut that failed (a handler's error on the marker, say): that stream is skipped
+    -- until the next scan.
+    last_error      text,
+    last_error_at   timestamptz,
+    CHECK (max_age IS NOT NULL OR max_count IS NOT NULL OR truncate_before IS NOT NULL)
+);
+
+-- One row per stream a policy cut: its events below ep.streams.truncated_before are gone for
+-- readers from the moment the `$stream_truncated` marker at `marker_position` committed, and the
+-- worker removes them in small transactions (`pending` until none is left).
+CREATE TABLE ep.stream_truncations (
+    stream_id       text        NOT NULL PRIMARY KEY,
+    marker_position bigint      NOT NULL,
+    stream_pattern  text        NOT NULL,  -- the policy that set the latest cut
+    events_removed  bigint      NOT NULL DEFAULT 0,
+    pending         boolean     NOT NULL DEFAULT true,
+    cut_at          timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    removed_at      timestamptz
+);
+CREATE INDEX stream_truncations_pending_idx ON ep.stream_truncations (cut_at) WHERE pending;
 
 CREATE SEQUENCE ep.projection_id_seq AS integer;
 
@@ -177,4 +215,5 @@ SELECT pg_catalog.pg_extension_config_dump('ep.projection_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.rebuild_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.stream_deletions', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.stream_deletion_id_seq', '');
-
+SELECT pg_catalog.pg_extension_config_dump('ep.stream_policies', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.stream_truncations', '');

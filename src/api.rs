@@ -5,6 +5,7 @@ use crate::log;
 use crate::pg::error::OrRaise;
 use crate::pg::types::{RawJsonb, RegProcedure};
 use crate::registry;
+use crate::retention;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -48,6 +49,26 @@ fn ep_delete_stream(stream_id: Option<&str>, hard: default!(Option<bool>, "false
 #[pg_extern(volatile, parallel_unsafe)]
 fn ep_undelete_stream(stream_id: Option<&str>) -> i64 {
     log::delete::undelete_stream(stream_id).or_raise()
+}
+
+/// Sets (or replaces) the retention policy of the streams whose id matches `stream_pattern`
+/// (LIKE): the worker cuts each such stream below the events the policy keeps, appending the
+/// `$stream_truncated` marker, and removes the cut events once every consumer is past them
+/// (README, "Retention").
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_set_stream_policy(
+    stream_pattern: Option<&str>,
+    max_age: default!(Option<pgrx::datum::Interval>, "NULL"),
+    max_count: default!(Option<i64>, "NULL"),
+    truncate_before: default!(Option<i64>, "NULL"),
+) {
+    retention::set_policy(stream_pattern, max_age, max_count, truncate_before).or_raise()
+}
+
+/// Removes the retention policy of `stream_pattern`; true when there was one. What it cut stays cut.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_drop_stream_policy(stream_pattern: Option<&str>) -> bool {
+    retention::drop_policy(stream_pattern).or_raise()
 }
 
 /// Appends a JSON array of `{"type", "data", "metadata"}` to one stream, all or nothing; returns

@@ -5,8 +5,9 @@
 //! - `api`: the SQL entry points (argument mapping only);
 //! - `worker`: the background processes that run rebuilds (`worker`) and async projections
 //!   (`worker::delivery`);
+//! - `retention`: retention policies and the worker's cuts and removals;
 //! - `rebuild`: the rebuild API and the steps of both strategies;
-//! - `log`: appends (A1..A11) and the append-only guard;
+//! - `log`: appends (A1..A11), stream deletion, retention cuts and the append-only guard;
 //! - `registry`: projections, their registration hand-off, the per-backend view of the registry
 //!   appends use, and the readiness checks (`registry::status`);
 //! - `subscription`: the log for consumers outside the database: reads bounded by the high-water
@@ -29,6 +30,7 @@ mod monitor;
 mod pg;
 mod rebuild;
 mod registry;
+mod retention;
 mod sandbox;
 mod subscription;
 mod worker;

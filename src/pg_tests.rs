@@ -375,6 +375,15 @@ mod tests {
             ("SELECT ep_require_ready('nope')", "42704"),
             ("SELECT ep_retry_projection('m')", "55000"),
             ("SELECT ep_skip_event('m', 1)", "55000"),
+            ("SELECT ep_set_stream_policy(NULL, max_count => 1)", "22004"),
+            ("SELECT ep_set_stream_policy('', max_count => 1)", "22023"),
+            ("SELECT ep_set_stream_policy('s%')", "22023"),
+            ("SELECT ep_set_stream_policy('s%', max_count => 0)", "22023"),
+            ("SELECT ep_set_stream_policy('s%', truncate_before => -3)", "22023"),
+            ("SELECT ep_set_stream_policy('s%', max_age => '0 seconds')", "22023"),
+            ("SELECT ep_set_stream_policy('s%', max_age => '-1 day')", "22023"),
+            ("SELECT ep_drop_stream_policy(NULL)", "22004"),
+            ("SELECT ep_append('s', '$stream_truncated', '{\"truncate_before\": 5}')", "22023"),
         ];
         create_counter("m");
         run("CREATE FUNCTION m.returns_int(e ep.events) RETURNS int LANGUAGE sql VOLATILE AS 'SELECT 1'");

@@ -15,6 +15,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 pub mod history;
+pub mod retention;
 pub mod served;
 
 pub use postgres;

@@ -8,6 +8,7 @@
 //! the number of calls shows that the work resumed rather than started over.
 
 use ep_connection_tests::postgres::Client;
+use ep_connection_tests::retention::*;
 use ep_connection_tests::served::*;
 use ep_connection_tests::*;
 use std::time::Duration;
@@ -208,4 +209,62 @@ fn without_the_preload_the_worker_calls_say_how_to_enable_it() {
     if let Err(p) = result {
         std::panic::resume_unwind(p);
     }
+}
+
+/// The worker killed (SIGKILL) while it removes what a cut left: after the restart it goes on,
+/// and what the record says was removed is exactly what left the log.
+#[test]
+fn a_worker_killed_mid_removal_loses_nothing() {
+    let _interval = Settings::set(&["event_projections.retention_interval = 50"]);
+    let (_served, mut c) = Served::fresh();
+    settings(&mut c, &["ALTER SYSTEM SET event_projections.batch_size = 20"]);
+    create_copy_model(&mut c, "w_rc");
+    register(&mut c, "w_rc", "w_rc.apply(ep.events)", "inline", "w_rc");
+    const EVENTS: i64 = 8_000;
+    c.batch_execute(&format!(
+        "SELECT ep_append_events('big', (SELECT jsonb_agg(jsonb_build_object('type', 'T', 'data', jsonb_build_object('i', i)))
+                                           FROM generate_series(1, {EVENTS}) i))"
+    ))
+    .unwrap();
+    c.batch_execute("SELECT ep_set_stream_policy('big', max_count => 10)").unwrap();
+    let going = wait_until(Duration::from_secs(60), || Ok(removed_total(&mut c) >= 500));
+    assert!(going.unwrap(), "the removal did not get going");
+    let before = removed_total(&mut c);
+    assert!(before < EVENTS - 2_000, "the removal ran too fast to be interrupted ({before} removed)");
+    // The worker whose activity is the retention step (it may be between steps: try again).
+    let mut killed = false;
+    for _ in 0..200 {
+        let pid: Option<i32> = c
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'event_projections worker'
+                    AND query LIKE 'event_projections: retention%' AND state = 'active' LIMIT 1",
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get(0));
+        if let Some(pid) = pid {
+            let ok = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill");
+            assert!(ok.success());
+            killed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(killed, "no worker was seen removing");
+    assert!(
+        wait_until(Duration::from_secs(30), || Ok(c.batch_execute("SELECT 1").is_err())).unwrap(),
+        "the server did not restart after the worker was killed"
+    );
+    let mut c = reconnect();
+    let done = wait_until(Duration::from_secs(120), || {
+        Ok(c.query_one("SELECT NOT pending FROM ep.stream_truncations WHERE stream_id = 'big'", &[])?.get::<_, bool>(0))
+    });
+    assert!(done.unwrap(), "the removal did not finish after the crash");
+    let log = read_log(&mut c);
+    let left: Vec<&Event> = log.iter().filter(|e| e.stream_id == "big").collect();
+    let t: Vec<i64> = left.iter().filter(|e| e.event_type == "T").map(|e| e.stream_position).collect();
+    assert_eq!(t, ((EVENTS - 9)..=EVENTS).collect::<Vec<_>>(), "what the cut keeps");
+    assert_eq!(left.len(), 11, "the 10 kept events and the marker");
+    assert_eq!(removed_total(&mut c), EVENTS - 10, "the record of what was removed ({before} before the crash)");
+    assert_eq!(read_copy(&mut c, "w_rc"), replay_copy(&log), "the inline model is not a replay of the log");
 }

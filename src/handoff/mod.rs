@@ -20,6 +20,13 @@ pub const LOCK_CLASS: u32 = 0x4550_0001;
 pub const OWNER_CLASS: u32 = 0x4550_0002;
 /// `objid` of the registry lock.
 pub const REGISTRY: u32 = 0;
+/// Ownership (OWNER_CLASS) of the database's retention work: one worker at a time runs it.
+/// (Projection ids come from an int4 sequence starting at 1: never this.)
+pub const RETENTION: u32 = u32::MAX;
+/// Taken SHARED (LOCK_CLASS, transaction level) by a registration building an inline projection
+/// from the log, EXCLUSIVE by each removal of events a retention policy cut: no removal runs
+/// while a build reads the log (DESIGN.md, section 17).
+pub const LOG_BUILD: u32 = u32::MAX;
 /// `objsubid` of every lock of the extension: a value no SQL function produces.
 pub const LOCK_SPACE: u16 = 0x4550;
 

@@ -2,6 +2,7 @@
 //! `ep.events` append-only.
 
 pub mod delete;
+pub mod truncate;
 
 use crate::handoff::inflight;
 use crate::handoff::{self, CrossedHandoff, Mode};
@@ -394,13 +395,21 @@ pub fn append_many(stream: Option<&str>, events: Option<RawJsonb>, expected: Opt
     append(stream, &parsed?, expected)
 }
 
-/// Why events are appended: for a client, or as the marker of a stream's deletion (section 16).
+/// Why events are appended: for a client, as the marker of a stream's deletion (section 16), or
+/// as the marker of a retention cut (section 17: the stream's events below `before` go).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Purpose {
     Append,
     Delete { hard: bool },
     Undelete,
+    Truncate { before: i64 },
 }
+
+/// Sets a stream's retention cut, which only ever moves up.
+static CUT: Stmt = Stmt {
+    sql: "UPDATE ep.streams SET truncated_before = GREATEST(truncated_before, $2) WHERE stream_id = $1",
+    types: &[pg_sys::TEXTOID, pg_sys::INT8OID],
+};
 
 /// Sets a stream's deletion mark (NULL: live again).
 static MARK: Stmt =
@@ -410,7 +419,7 @@ impl Purpose {
     /// The deletion mark this append sets on its stream, if any (`Some(None)` clears it).
     fn mark(self) -> Option<Option<&'static str>> {
         match self {
-            Purpose::Append => None,
+            Purpose::Append | Purpose::Truncate { .. } => None,
             Purpose::Delete { hard: true } => Some(Some("hard")),
             Purpose::Delete { hard: false } => Some(Some("soft")),
             Purpose::Undelete => Some(None),
@@ -424,9 +433,9 @@ impl Purpose {
         match (self, deleted) {
             (Purpose::Append, None) => Ok(()),
             (_, Some("hard")) => Err(gone(true)),
-            (Purpose::Append, Some(_)) | (Purpose::Delete { hard: false }, Some(_)) => Err(gone(false)),
+            (Purpose::Append | Purpose::Truncate { .. } | Purpose::Delete { hard: false }, Some(_)) => Err(gone(false)),
             (_, _) if before == 0 => Err(LogError::NoSuchStream(stream.into())),
-            (Purpose::Delete { .. }, _) => Ok(()),
+            (Purpose::Delete { .. } | Purpose::Truncate { .. }, _) => Ok(()),
             (Purpose::Undelete, Some(_)) => Ok(()),
             (Purpose::Undelete, None) => Err(LogError::NotDeleted(stream.into())),
         }
@@ -614,6 +623,9 @@ pub(crate) fn append_as(
             // marker's handlers (same transaction, lock already held) reads it and is refused.
             if let Some(mark) = purpose.mark() {
                 spi::exec(client, &MARK, &[spi::text(stream), mark.and_then(spi::text)], Snap::Fresh, 0);
+            }
+            if let Purpose::Truncate { before: cut } = purpose {
+                spi::exec(client, &CUT, &[spi::text(stream), spi::int8(cut)], Snap::Fresh, 0);
             }
             if let Some(exp) = expected {
                 if exp != before {

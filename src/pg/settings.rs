@@ -15,6 +15,7 @@ static RETRY_BACKOFF: GucSetting<i32> = GucSetting::<i32>::new(100);
 static NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static HANDLER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 static REPLAY_RANGE: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
+static RETENTION_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 
 pub fn define() {
     GucRegistry::define_string_guc(
@@ -105,6 +106,16 @@ pub fn define() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"event_projections.retention_interval",
+        c"Shortest time between two scans of the streams a retention policy matches.",
+        c"Each scan cuts the streams that fell out of the policy; the cut events are removed as the consumers let it, whatever this says.",
+        &RETENTION_INTERVAL,
+        10,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     // SAFETY: reserves our prefix (unknown event_projections.* settings become errors), once at load.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"event_projections".as_ptr()) };
 }
@@ -135,4 +146,7 @@ pub fn handler_timeout_ms() -> i32 {
 }
 pub fn replay_range() -> i32 {
     REPLAY_RANGE.get()
+}
+pub fn retention_interval_ms() -> i32 {
+    RETENTION_INTERVAL.get()
 }

@@ -650,6 +650,8 @@ pub fn register(
 /// checkpoint, all committed or gone by then, are applied before the commit. Appends stall only
 /// for G3's catch-up. Without the preload there is no high-water mark: the whole build is G3.
 fn build_for_registration(cat: &Catalog, p: &Projection) {
+    // No retention removal while this reads the log (a removal waits for the commit).
+    handoff::lock(handoff::LOG_BUILD, Mode::Shared);
     let h = p.live_handler();
     let batch = batch_size();
     let mut after = 0;

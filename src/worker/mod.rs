@@ -302,7 +302,44 @@ fn run_round(index: usize, rotate: usize) -> Option<bool> {
         busy |= work_on(index, p.id, p.mode);
         handoff::disown(p.id as u32);
     }
+    busy |= retention(index);
     Some(busy)
+}
+
+/// The database's retention work, for up to a time slice, by one worker at a time (the one that
+/// holds its ownership lock). True when any step did work.
+fn retention(index: usize) -> bool {
+    let owned = in_transaction("event_projections: claiming retention", || {
+        catalog::lookup().is_some_and(|c| crate::retention::installed(&c)) && handoff::try_own(handoff::RETENTION)
+    })
+    .unwrap_or(false);
+    if !owned {
+        return false;
+    }
+    let slice = Instant::now();
+    let mut busy = false;
+    while slice.elapsed() < Duration::from_millis(200) {
+        if pool::report(index, Doing::Retention, 0).1 {
+            break;
+        }
+        match in_transaction("event_projections: retention", crate::retention::step) {
+            Ok(true) => busy = true,
+            Ok(false) => break,
+            // A lock another transaction holds (a rebuild being queued, a registration reading
+            // the log, a handler's own lock): the step is tried again next round.
+            Err((PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, _)) => break,
+            Err((_, message)) => {
+                let _ = in_transaction("event_projections: recording a retention failure", || {
+                    crate::retention::record_failure(&message)
+                });
+                busy = true;
+                break;
+            }
+        }
+    }
+    pool::report(index, Doing::Idle, 0);
+    handoff::disown(handoff::RETENTION);
+    busy
 }
 
 /// Steps of one projection for up to a time slice. True when any did work.

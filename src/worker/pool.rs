@@ -24,6 +24,7 @@ crate::registry::sql_enum! {
         Idle = "idle",
         Rebuilding = "rebuilding",
         Delivering = "delivering",
+        Retention = "retention",
         Yielding = "yielding",
     }
 }
