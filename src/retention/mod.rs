@@ -5,7 +5,7 @@
 //! log and never past the slowest consumer.
 
 use crate::handoff::{self, Mode};
-use crate::log::{truncate, LogError};
+use crate::log::truncate;
 use crate::pg::catalog::{self, Catalog};
 use crate::pg::error::{required_text, ArgError, SqlError};
 use crate::pg::settings;
@@ -306,8 +306,9 @@ fn cut_step(cat: &Catalog) -> bool {
                 record_scan(cat, &due.pattern, Some(stream));
                 return true;
             }
-            // Deleted since the scan read it: nothing to cut.
-            Err(LogError::StreamDeleted { .. } | LogError::NoSuchStream(_)) => continue,
+            // Deleted since the scan read it, say. Raised, never passed over: the refused append
+            // already bumped the stream's version at A7, which only the rollback undoes (the
+            // failure is then recorded on the policy and the scan goes on after the stream).
             Err(e) => crate::pg::error::raise(&e),
         }
     }
