@@ -356,3 +356,51 @@ SELECT ep_register_projection('ret_h', 'ret_owner.h(ep.events)', 'inline', NULL,
     assert!(shown.0.is_none() && shown.1.is_some(), "{shown:?}");
     assert!(!writer.is_superuser() && !keeper.is_superuser() && !owner.is_superuser());
 }
+
+/// A registration builds its inline projection from the log in several statements without a
+/// lock that appends or the worker would wait for; a removal must not run between them (the
+/// build would count some events of a stream and miss the others). A slow marker-blind handler is
+/// registered while 1990 cut events are ready to go: the model counts all 2000 the log had.
+#[test]
+fn no_removal_runs_while_a_registration_reads_the_log() {
+    let _all = AllDatabases::on(2);
+    let _interval = Settings::set(&["event_projections.retention_interval = 50"]);
+    let db = TestDb::new("retention_registration");
+    let mut c = db.connect();
+    c.batch_execute(
+        "SELECT ep_append_events('big', (SELECT jsonb_agg(jsonb_build_object('type', 'T', 'data', '{}'::jsonb))
+                                           FROM generate_series(1, 2000)));
+         -- A subscription that acknowledges nothing holds removal back until it goes.
+         SELECT ep_subscribe('hold', NULL, 1);
+         SELECT ep_set_stream_policy('big', max_count => 10);
+         CREATE SCHEMA reg;
+         CREATE TABLE reg.seen (n bigint NOT NULL);
+         INSERT INTO reg.seen VALUES (0);
+         CREATE FUNCTION reg.apply(e ep.events) RETURNS void LANGUAGE plpgsql AS $f$
+         BEGIN
+             PERFORM pg_sleep(0.001);
+             UPDATE seen SET n = n + 1;
+         END $f$;",
+    )
+    .unwrap_or_else(|e| panic!("{}", show(&e)));
+    let cut = wait_until(Duration::from_secs(30), || {
+        Ok(c.query_one("SELECT count(*) FROM ep.stream_truncations WHERE pending", &[])?.get::<_, i64>(0) == 1)
+    });
+    assert!(cut.unwrap(), "big was not cut");
+    assert_eq!(removed_total(&mut c), 0, "removed while the subscription held it back");
+    std::thread::scope(|s| {
+        let registering = s.spawn(|| {
+            let mut r = db.connect();
+            r.batch_execute("SELECT ep_register_projection('reg', 'reg.apply(ep.events)', 'inline', ARRAY['T'], 'reg')")
+                .map_err(|e| show(&e))
+        });
+        // Once the build is reading the log (its first batch takes a second), let removal go.
+        std::thread::sleep(Duration::from_millis(300));
+        c.batch_execute("SELECT ep_unsubscribe('hold')").unwrap();
+        registering.join().unwrap().unwrap();
+    });
+    let n: i64 = c.query_one("SELECT n FROM reg.seen", &[]).unwrap().get(0);
+    assert_eq!(n, 2000, "the registration's build saw the log shrink under it");
+    let done = wait_until(Duration::from_secs(30), || Ok(removed_total(&mut c) == 1990));
+    assert!(done.unwrap(), "the removal did not go on after the registration");
+}

@@ -8,8 +8,7 @@
 //! commit, readers of the stream start at the cut; the events below it leave the log later, in
 //! small transactions, by `remove_cut`.
 
-use super::LogError;
-use super::{append_as, NewEvent, OwnWrite, Purpose};
+use super::{append_as, LogError, NewEvent, OwnWrite, Purpose};
 use crate::pg::catalog;
 use crate::pg::spi::{self, Snap, Stmt};
 use pgrx::pg_sys;

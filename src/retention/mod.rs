@@ -145,6 +145,9 @@ thread_local! {
 /// removal if one may go now, else the next piece of a policy's scan. True when it did something
 /// (the caller goes on stepping for its time slice).
 pub fn step() -> bool {
+    // What `record_failure` reads is this step's only: a cut that failed with a lock timeout
+    // (which the worker does not record) must not be blamed for a later step's failure.
+    CUTTING.with(|c| *c.borrow_mut() = None);
     let Some(cat) = catalog::lookup() else { return false };
     if !installed(&cat) {
         return false;
