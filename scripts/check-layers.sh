@@ -3,7 +3,7 @@
 # module map in src/lib.rs: a module may use the ones after it in LAYERS, never one before it.
 set -euo pipefail
 cd "$(dirname "$0")/../src"
-LAYERS=(api monitor worker retention rebuild log registry subscription sandbox handoff pg)
+LAYERS=(api monitor worker retention rebuild log registry subscription sandbox seal handoff pg)
 fail=0
 for i in "${!LAYERS[@]}"; do
   layer=${LAYERS[$i]}

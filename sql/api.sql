@@ -6,45 +6,6 @@ SET search_path = pg_catalog, pg_temp
 AS $$ SELECT COALESCE((SELECT s.version FROM ep.streams s WHERE s.stream_id = $1), 0) $$;
 COMMENT ON FUNCTION ep_stream_version(text) IS 'Number of events in the stream (0 when it does not exist).';
 
-CREATE FUNCTION ep_read_stream(stream_id text, from_position bigint DEFAULT 1, max_count int DEFAULT 1000,
-                               correlation_id text DEFAULT NULL)
-RETURNS SETOF ep.events
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    hidden boolean;
-    cut    bigint;
-BEGIN
-    IF stream_id IS NULL THEN
-        RAISE EXCEPTION 'stream_id must not be NULL' USING ERRCODE = '22004';
-    ELSIF from_position IS NULL OR from_position < 1 THEN
-        RAISE EXCEPTION 'invalid from_position: % (stream positions start at 1)', from_position USING ERRCODE = '22023';
-    ELSIF max_count IS NULL OR max_count < 1 THEN
-        RAISE EXCEPTION 'invalid max_count: % (must be at least 1)', max_count USING ERRCODE = '22023';
-    END IF;
-    -- A deleted stream is hidden (README, "Deleting streams"); a stream cut by a retention policy
-    -- starts at the cut, also while the worker is still removing the events below it (README,
-    -- "Retention").
-    SELECT s.deleted IS NOT NULL, s.truncated_before INTO hidden, cut
-      FROM ep.streams s WHERE s.stream_id = ep_read_stream.stream_id;
-    IF hidden THEN
-        RETURN;
-    END IF;
-    from_position := GREATEST(from_position, COALESCE(cut, 1));
-    IF correlation_id IS NULL THEN
-        RETURN QUERY
-            SELECT e.* FROM ep.events e
-            WHERE e.stream_id = ep_read_stream.stream_id AND e.stream_position >= from_position
-            ORDER BY e.stream_position LIMIT max_count;
-    ELSE
-        RETURN QUERY
-            SELECT e.* FROM ep.events e
-            WHERE e.stream_id = ep_read_stream.stream_id AND e.stream_position >= from_position
-              AND e.metadata ? 'correlation_id' AND (e.metadata ->> 'correlation_id') = ep_read_stream.correlation_id
-            ORDER BY e.stream_position LIMIT max_count;
-    END IF;
-END $$;
 COMMENT ON FUNCTION ep_read_stream(text, bigint, int, text) IS
   'Events of one stream from a stream position, in stream order; with correlation_id, only those whose metadata carries it.';
 

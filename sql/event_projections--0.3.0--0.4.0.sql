@@ -11,6 +11,11 @@
 
 \echo Use "ALTER EXTENSION event_projections UPDATE" to load this file. \quit
 
+-- Both tables at once, first, in the order appends lock them (ep.events, then ep.streams): an
+-- update from 0.3.0 to a later version alters ep.events after ep.streams in the same transaction,
+-- and appends waiting in between would deadlock with it (added in 0.5.0; harmless alone).
+LOCK TABLE ep.events, ep.streams IN ACCESS EXCLUSIVE MODE;
+
 -- The retention cut of a stream (sql/schema.sql): set under the stream's row lock, NULL before.
 ALTER TABLE ep.streams ADD COLUMN truncated_before bigint CHECK (truncated_before >= 1);
 

@@ -23,6 +23,11 @@ CREATE TABLE ep.events (
     -- The caller's id of the event (or one ep_append generated, time-ordered): a retried append
     -- with the same id, stream, type and data returns the first one's position and writes nothing.
     event_id        uuid        NOT NULL,
+    -- Erasure (README, "Erasure"; DESIGN.md, section 18): for an event appended with a subject,
+    -- the id of the subject's key in ep.subject_keys and the data sealed under it (AES-256-GCM);
+    -- `data` then holds the redacted shape {"$redacted": true}. Both NULL for clear data.
+    subject_key     bigint,
+    sealed          bytea,
     CONSTRAINT events_stream_position_key UNIQUE (stream_id, stream_position),
     CONSTRAINT events_event_id_key UNIQUE (event_id),
     CONSTRAINT events_stream_position_check CHECK (stream_position >= 1)
@@ -33,6 +38,10 @@ CREATE TABLE ep.events (
 -- have created an operator that matches these argument types better.)
 CREATE INDEX events_correlation_idx ON ep.events ((metadata OPERATOR(pg_catalog.->>) 'correlation_id'::text), global_position)
     WHERE metadata OPERATOR(pg_catalog.?) 'correlation_id'::text;
+-- Only sealed events are in these two: ep_forget_subject counts a subject's events, and a replay
+-- handler's range is checked for sealed events (src/sandbox/replay.rs); no other append pays.
+CREATE INDEX events_subject_key_idx ON ep.events (subject_key) WHERE subject_key IS NOT NULL;
+CREATE INDEX events_sealed_idx ON ep.events (global_position) WHERE subject_key IS NOT NULL;
 COMMENT ON TABLE ep.events IS
   'The event log (append-only; write with ep_append / ep_append_events). Its row type is the value handed to projection handlers.';
 
@@ -98,6 +107,26 @@ CREATE TABLE ep.stream_truncations (
     removed_at      timestamptz
 );
 CREATE INDEX stream_truncations_pending_idx ON ep.stream_truncations (cut_at) WHERE pending;
+
+-- Erasure: one key per subject, created by its first append with that subject and deleted by
+-- ep_forget_subject (after which the events sealed under it read as {"$redacted": true}). Only
+-- the extension owner may read it: no GRANT on it is ever needed.
+CREATE SEQUENCE ep.subject_key_id_seq AS bigint;
+CREATE TABLE ep.subject_keys (
+    key_id     bigint      NOT NULL PRIMARY KEY DEFAULT pg_catalog.nextval('ep.subject_key_id_seq'),
+    subject    text        NOT NULL UNIQUE CHECK (subject <> ''),
+    key        bytea       NOT NULL CHECK (pg_catalog.octet_length(key) = 32),
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+-- Every ep_forget_subject that destroyed a key: which key (not the subject's name, which is
+-- what was to be forgotten), how many events it sealed, who and when.
+CREATE TABLE ep.erasures (
+    key_id       bigint      NOT NULL PRIMARY KEY,
+    events       bigint      NOT NULL,
+    forgotten_by text        NOT NULL,  -- the role's name
+    forgotten_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
 
 CREATE SEQUENCE ep.projection_id_seq AS integer;
 
@@ -217,3 +246,6 @@ SELECT pg_catalog.pg_extension_config_dump('ep.stream_deletions', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.stream_deletion_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.stream_policies', '');
 SELECT pg_catalog.pg_extension_config_dump('ep.stream_truncations', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.subject_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.subject_key_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('ep.erasures', '');

@@ -10,21 +10,37 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 /// Appends one event; returns its global position. With `event_id`, a retry of an append that
-/// committed returns the first one's position and writes nothing (README, "Event ids and metadata").
+/// committed returns the first one's position and writes nothing (README, "Event ids and
+/// metadata"). With `subject`, the data is sealed under that subject's key, for
+/// `ep_forget_subject` to erase (README, "Erasure").
 #[pg_extern(volatile, parallel_unsafe, name = "ep_append")]
-fn ep_append_v3(
+fn ep_append_v5(
     stream_id: Option<&str>,
     event_type: Option<&str>,
     data: Option<RawJsonb>,
     metadata: default!(Option<RawJsonb>, "NULL"),
     expected_version: default!(Option<i64>, "NULL"),
     event_id: default!(Option<pgrx::Uuid>, "NULL"),
+    subject: default!(Option<&str>, "NULL"),
 ) -> i64 {
-    log::append_one(stream_id, event_type, data, metadata, expected_version, event_id).or_raise()
+    log::append_one(stream_id, event_type, data, metadata, expected_version, event_id, subject).or_raise()
 }
 
-/// The five-argument `ep_append` of 0.1.0 and 0.2.0, under the C symbol their SQL names: a
-/// database whose extension is not updated yet keeps calling it (no SQL of its own in 0.3.0).
+/// The six-argument `ep_append` of 0.3.0 and 0.4.0, under the C symbol their SQL names: a
+/// database whose extension is not updated yet keeps calling it (no SQL of its own in 0.5.0).
+#[pg_extern(volatile, parallel_unsafe, sql = false)]
+fn ep_append_v3(
+    stream_id: Option<&str>,
+    event_type: Option<&str>,
+    data: Option<RawJsonb>,
+    metadata: Option<RawJsonb>,
+    expected_version: Option<i64>,
+    event_id: Option<pgrx::Uuid>,
+) -> i64 {
+    log::append_one(stream_id, event_type, data, metadata, expected_version, event_id, None).or_raise()
+}
+
+/// The five-argument `ep_append` of 0.1.0 and 0.2.0, under the C symbol their SQL names.
 #[pg_extern(volatile, parallel_unsafe, sql = false)]
 fn ep_append(
     stream_id: Option<&str>,
@@ -33,7 +49,15 @@ fn ep_append(
     metadata: Option<RawJsonb>,
     expected_version: Option<i64>,
 ) -> i64 {
-    log::append_one(stream_id, event_type, data, metadata, expected_version, None).or_raise()
+    log::append_one(stream_id, event_type, data, metadata, expected_version, None, None).or_raise()
+}
+
+/// Destroys the key of `subject`: every event appended with that subject reads, and replays, as
+/// `{"$redacted": true}` from then on. Returns how many events of the log it sealed (README,
+/// "Erasure").
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_forget_subject(subject: Option<&str>) -> i64 {
+    log::erase::forget_subject(subject).or_raise()
 }
 
 /// Deletes a stream: soft (hidden from ep_read_stream, appends refused, `ep_undelete_stream`
@@ -215,6 +239,29 @@ fn ep_read_all(
     max_count: Option<i32>,
 ) -> SetOfIterator<'static, pgrx::composite_type!('static, "ep.events")> {
     events(crate::subscription::read_all(after_position, max_count, None).or_raise())
+}
+
+/// The events of one stream from a stream position, in stream order; with `correlation_id`, only
+/// those whose metadata carries it. A deleted stream has none; a cut one starts at its cut.
+#[pg_extern(volatile, parallel_unsafe)]
+fn ep_read_stream(
+    stream_id: Option<&str>,
+    from_position: default!(Option<i64>, "1"),
+    max_count: default!(Option<i32>, "1000"),
+    correlation_id: default!(Option<&str>, "NULL"),
+) -> SetOfIterator<'static, pgrx::composite_type!('static, "ep.events")> {
+    events(crate::subscription::read_stream(stream_id, from_position, max_count, correlation_id).or_raise())
+}
+
+/// An `ep.events` row as the extension's reads return it: with its data unsealed while its
+/// subject's key exists, redacted once it was forgotten; any other row unchanged. For the roles
+/// that may read the log (README, "Erasure").
+#[pg_extern(stable, parallel_safe)]
+fn ep_unseal(event: Option<pgrx::composite_type!("ep.events")>) -> Option<pgrx::composite_type!('static, "ep.events")> {
+    let row = event?.into_composite_datum()?;
+    let row = crate::subscription::unseal(row).or_raise();
+    // SAFETY: an ep.events row value built in this function's memory context.
+    Some(unsafe { PgHeapTuple::from_composite_datum(row) })
 }
 
 /// The high-water mark: every position at or below it is committed and visible, or never will be.

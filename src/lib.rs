@@ -7,7 +7,8 @@
 //!   (`worker::delivery`);
 //! - `retention`: retention policies and the worker's cuts and removals;
 //! - `rebuild`: the rebuild API and the steps of both strategies;
-//! - `log`: appends (A1..A11), stream deletion, retention cuts and the append-only guard;
+//! - `log`: appends (A1..A11), stream deletion, retention cuts, forgetting subjects and the
+//!   append-only guard;
 //! - `registry`: projections, their registration hand-off, the per-backend view of the registry
 //!   appends use, and the readiness checks (`registry::status`);
 //! - `subscription`: the log for consumers outside the database: reads bounded by the high-water
@@ -15,6 +16,8 @@
 //! - `sandbox`: running user code as its owner with a pinned path, call-time checks and the
 //!   worker's timeout (`sandbox`), calling handlers (`sandbox::handler`), applying a range of the
 //!   log through one (`sandbox::replay`);
+//! - `seal`: erasure by crypto-shredding: subject keys, sealing an event's data, unsealing the
+//!   rows every read and replay hands out, forgetting a subject;
 //! - `handoff`: the advisory locks and the REPEATABLE READ check (`handoff`), which positions are
 //!   still in flight in shared memory and the worker wake-ups (`handoff::inflight`), the
 //!   high-water mark (`handoff::highwater`);
@@ -32,6 +35,7 @@ mod rebuild;
 mod registry;
 mod retention;
 mod sandbox;
+mod seal;
 mod subscription;
 mod worker;
 

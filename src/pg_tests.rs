@@ -39,7 +39,7 @@ mod tests {
         for sql in [
             "GRANT USAGE ON SCHEMA ep TO {r}",
             "GRANT SELECT ON ep.events, ep.streams, ep.projection_status TO {r}",
-            "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint, uuid), ep_append_events(text, jsonb, bigint), \
+            "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint, uuid, text), ep_append_events(text, jsonb, bigint), \
              ep_stream_version(text), ep_read_stream(text, bigint, int, text), ep_read_all(bigint, int, text), \
              ep_register_projection(text, regprocedure, text, text[], text, regprocedure), ep_unregister_projection(text), \
              ep_rebuild(text, text, regprocedure, regprocedure), ep_rebuild_wait(bigint, interval), ep_rebuild_status(bigint), \

@@ -478,18 +478,18 @@ impl Grants {
         const WRITER: &[&str] = &[
             "GRANT USAGE ON SCHEMA ep TO {r}",
             "GRANT SELECT ON ep.streams TO {r}",
-            "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint, uuid), ep_append_events(text, jsonb, bigint), ep_stream_version(text) TO {r}",
+            "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint, uuid, text), ep_append_events(text, jsonb, bigint), ep_stream_version(text) TO {r}",
         ];
         const READER: &[&str] = &[
             "GRANT USAGE ON SCHEMA ep TO {r}",
             "GRANT SELECT ON ep.events, ep.streams TO {r}",
-            "GRANT EXECUTE ON FUNCTION ep_read_stream(text, bigint, int, text), ep_read_all(bigint, int, text), ep_stream_version(text) TO {r}",
+            "GRANT EXECUTE ON FUNCTION ep_read_stream(text, bigint, int, text), ep_read_all(bigint, int, text), ep_unseal(ep.events), ep_stream_version(text) TO {r}",
         ];
         const OWNER: &[&str] = &[
             "GRANT USAGE ON SCHEMA ep TO {r}",
             "GRANT SELECT ON ep.events, ep.streams, ep.projection_status TO {r}",
-            "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint, uuid), ep_append_events(text, jsonb, bigint), \
-             ep_stream_version(text), ep_read_stream(text, bigint, int, text), ep_read_all(bigint, int, text), \
+            "GRANT EXECUTE ON FUNCTION ep_append(text, text, jsonb, jsonb, bigint, uuid, text), ep_append_events(text, jsonb, bigint), \
+             ep_stream_version(text), ep_read_stream(text, bigint, int, text), ep_read_all(bigint, int, text), ep_unseal(ep.events), \
              ep_register_projection(text, regprocedure, text, text[], text, regprocedure), ep_unregister_projection(text), \
              ep_rebuild(text, text, regprocedure, regprocedure), ep_rebuild_wait(bigint, interval), ep_rebuild_status(bigint), \
              ep_cancel_rebuild(text), ep_retry_projection(text), ep_skip_event(text, bigint), \
@@ -499,7 +499,7 @@ impl Grants {
         const CONSUMER: &[&str] = &[
             "GRANT USAGE ON SCHEMA ep TO {r}",
             "GRANT SELECT ON ep.events, ep.subscription_status TO {r}",
-            "GRANT EXECUTE ON FUNCTION ep_read_all(bigint, int, text), ep_high_water(), ep_subscribe(text, text[], int), \
+            "GRANT EXECUTE ON FUNCTION ep_read_all(bigint, int, text), ep_unseal(ep.events), ep_high_water(), ep_subscribe(text, text[], int), \
              ep_unsubscribe(text), ep_set_members(text, int), ep_poll(text, int, int, interval), ep_ack(text, int, bigint) TO {r}",
         ];
         match self {

@@ -140,8 +140,8 @@ fn status_document_and_workers_view() {
     holder.batch_execute("BEGIN; SELECT ep_append('held', 'T', '{}')").unwrap();
     let doc: serde_json::Value = c.query_one("SELECT ep_status()", &[]).unwrap().get(0);
     assert_eq!(doc["database"], json!(db.name));
-    assert_eq!(doc["library_version"], json!("0.4.0"));
-    assert_eq!(doc["extension_version"], json!("0.4.0"));
+    assert_eq!(doc["library_version"], json!("0.5.0"));
+    assert_eq!(doc["extension_version"], json!("0.5.0"));
     assert_eq!(doc["preloaded"], json!(true));
     assert_eq!(doc["high_water"], json!(p), "the held append is above the mark: {doc}");
     assert_eq!(doc["in_flight"]["oldest_position"], json!(p + 1), "{doc}");

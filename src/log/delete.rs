@@ -83,6 +83,7 @@ fn append_marker(stream: &str, event_type: &str, purpose: Purpose, data: serde_j
         data: pgrx::JsonB(data).into_datum().expect("a jsonb datum"),
         metadata: pgrx::JsonB(serde_json::json!({"by": current_role_name()})).into_datum(),
         id: None,
+        subject: None,
     };
     append_as(stream, &[ev], None, purpose)
 }

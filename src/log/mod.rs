@@ -2,6 +2,7 @@
 //! `ep.events` append-only.
 
 pub mod delete;
+pub mod erase;
 pub mod truncate;
 
 use crate::handoff::inflight;
@@ -21,6 +22,8 @@ pub struct NewEvent {
     pub metadata: Option<pg_sys::Datum>,
     /// The caller's id of the event; one is generated when it gave none.
     pub id: Option<pgrx::Uuid>,
+    /// The subject whose key seals the data (README, "Erasure"); None for clear data.
+    pub subject: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +36,8 @@ pub enum LogError {
     IdReused { id: String },
     #[error("event id {id} is already in the log, but other events of this batch are not")]
     PartlyAppended { id: String },
-    #[error("event ids need the 0.3.0 schema of event_projections, and this database has an older one")]
-    NeedsUpdate,
+    #[error("{feature} need the {version} schema of event_projections, and this database has an older one")]
+    NeedsUpdate { feature: &'static str, version: &'static str },
     #[error("stream \"{stream}\" is deleted")]
     StreamDeleted { stream: String, hard: bool },
     #[error("stream \"{0}\" does not exist")]
@@ -45,6 +48,10 @@ pub enum LogError {
     InsideHandler(String),
     #[error("some events of the batch have an \"id\" and others do not")]
     SomeIds,
+    #[error("cannot forget a subject from inside a projection handler")]
+    ForgetInsideHandler,
+    #[error(transparent)]
+    Seal(#[from] crate::seal::SealError),
 }
 
 impl SqlError for LogError {
@@ -57,11 +64,14 @@ impl SqlError for LogError {
             // The same class as the unique index's own error, which a concurrent append of the
             // same id to another stream gets (README, "Event ids and metadata").
             LogError::IdReused { .. } | LogError::PartlyAppended { .. } => PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
-            LogError::NeedsUpdate | LogError::StreamDeleted { .. } | LogError::NotDeleted(_) => {
+            LogError::NeedsUpdate { .. } | LogError::StreamDeleted { .. } | LogError::NotDeleted(_) => {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             LogError::NoSuchStream(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            LogError::InsideHandler(_) => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            LogError::InsideHandler(_) | LogError::ForgetInsideHandler => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
+            LogError::Seal(e) => e.sqlstate(),
             LogError::SomeIds => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
         }
     }
@@ -88,7 +98,11 @@ impl SqlError for LogError {
             LogError::PartlyAppended { .. } => {
                 Some("Retry a batch with exactly the events (and ids) of the first attempt.".into())
             }
-            LogError::NeedsUpdate => Some("Run ALTER EXTENSION event_projections UPDATE.".into()),
+            LogError::NeedsUpdate { .. } => Some("Run ALTER EXTENSION event_projections UPDATE.".into()),
+            LogError::ForgetInsideHandler => {
+                Some("Call ep_forget_subject from the application, outside any handler.".into())
+            }
+            LogError::Seal(e) => e.hint(),
             LogError::StreamDeleted { hard: false, .. } => Some(
                 "It was soft-deleted: SELECT ep_undelete_stream(...) restores it (ep.stream_deletions says who deleted it).".into(),
             ),
@@ -219,6 +233,29 @@ static INSERT_MANY: Inserts = Inserts {
     ),
 };
 
+const INSERT_SEALED_TYPES: &[pg_sys::Oid] = &[
+    pg_sys::INT8ARRAYOID,
+    pg_sys::TEXTOID,
+    pg_sys::INT8OID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::JSONBARRAYOID,
+    pg_sys::JSONBARRAYOID,
+    pg_sys::UUIDARRAYOID,
+    pg_sys::INT8ARRAYOID,
+    pg_sys::BYTEAARRAYOID,
+];
+
+/// The insert of an append with a subject on some event (0.5.0 schema on): the redacted shape in
+/// `data`, and the sealed data with its key's id (seal). Appends without subjects keep the
+/// inserts above, which every schema since 0.3.0 takes.
+static INSERT_SEALED: [Stmt; 2] = insert_stmt!(
+    ", event_id, subject_key, sealed",
+    "SELECT u.p, $2, $3 + u.o, u.t, u.d, u.m, u.i, u.k, u.s \
+     FROM unnest($1::bigint[], $4::text[], $5::jsonb[], $6::jsonb[], $7::uuid[], $8::bigint[], $9::bytea[]) \
+     WITH ORDINALITY AS u(p, t, d, m, i, k, s, o)",
+    INSERT_SEALED_TYPES
+);
+
 /// The events of a batch whose ids are already in the log: each with its position and whether its
 /// stream, type and data are the same. Ids the caller did not give are NULL here and match nothing.
 static ALREADY: Stmt = Stmt {
@@ -319,26 +356,38 @@ pub fn append_one(
     metadata: Option<RawJsonb>,
     expected: Option<i64>,
     id: Option<pgrx::Uuid>,
+    subject: Option<&str>,
 ) -> Result<i64, LogError> {
     let stream = required_text(stream, "stream_id")?;
     let event_type = required_text(event_type, "event_type")?;
     check_type(event_type, "event_type")?;
     let data = required(data, "data")?;
-    let ev = NewEvent { event_type: event_type.into(), data: data.0, metadata: metadata.map(|m| m.0), id };
+    if subject == Some("") {
+        return Err(ArgError::Empty("subject").into());
+    }
+    let ev = NewEvent {
+        event_type: event_type.into(),
+        data: data.0,
+        metadata: metadata.map(|m| m.0),
+        id,
+        subject: subject.map(str::to_owned),
+    };
     append(stream, &[ev], expected)
 }
 
 static ELEMENTS: Stmt = Stmt {
     sql: "SELECT a.o, pg_catalog.jsonb_typeof(a.e), pg_catalog.jsonb_typeof(a.e -> 'type'), a.e ->> 'type', a.e -> 'data', \
                  CASE WHEN pg_catalog.jsonb_typeof(a.e -> 'metadata') = 'null' THEN NULL ELSE a.e -> 'metadata' END, \
-                 pg_catalog.jsonb_typeof(a.e -> 'id'), a.e ->> 'id' \
+                 pg_catalog.jsonb_typeof(a.e -> 'id'), a.e ->> 'id', \
+                 pg_catalog.jsonb_typeof(a.e -> 'subject'), a.e ->> 'subject' \
           FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS a(e, o) ORDER BY a.o",
     types: &[pg_sys::JSONBOID],
 };
 
 static TYPEOF: Stmt = Stmt { sql: "SELECT pg_catalog.jsonb_typeof($1)", types: &[pg_sys::JSONBOID] };
 
-/// `ep_append_events`: a JSON array of `{"type", "data", "metadata", "id"}`, all or nothing.
+/// `ep_append_events`: a JSON array of `{"type", "data", "metadata", "id", "subject"}`, all or
+/// nothing.
 pub fn append_many(stream: Option<&str>, events: Option<RawJsonb>, expected: Option<i64>) -> Result<i64, LogError> {
     let stream = required_text(stream, "stream_id")?;
     let events = required(events, "events")?;
@@ -388,7 +437,17 @@ pub fn append_many(stream: Option<&str>, events: Option<RawJsonb>, expected: Opt
                     return Err(invalid(format!("element {n} has an \"id\" that is a {other}, not a UUID string")))
                 }
             };
-            out.push(NewEvent { event_type, data, metadata: rows.datum_in(i, 6, cxt), id });
+            let subject = match rows.get::<String>(i, 9).as_deref() {
+                None | Some("null") => None,
+                Some("string") => match rows.get::<String>(i, 10) {
+                    Some(s) if !s.is_empty() => Some(s),
+                    _ => return Err(invalid(format!("element {n} has an empty \"subject\""))),
+                },
+                Some(other) => {
+                    return Err(invalid(format!("element {n} has a \"subject\" that is a {other}, not a string")))
+                }
+            };
+            out.push(NewEvent { event_type, data, metadata: rows.datum_in(i, 6, cxt), id, subject });
         }
         Ok(out)
     });
@@ -475,7 +534,7 @@ impl EventIds {
         let given = events.iter().any(|e| e.id.is_some());
         let stored = has_event_ids(cat);
         if given && !stored {
-            return Err(LogError::NeedsUpdate);
+            return Err(LogError::NeedsUpdate { feature: "event ids", version: "0.3.0" });
         }
         // A batch with ids on some events only could never be retried (the others would get new
         // ids): all or none.
@@ -518,18 +577,40 @@ fn already_appended(
     if rows.is_empty() {
         return Ok(None);
     }
-    let id_of = |i: usize| ids.all[(rows.get::<i64>(i, 1).unwrap_or(1) - 1) as usize].to_string();
+    let index = |i: usize| (rows.get::<i64>(i, 1).unwrap_or(1) - 1) as usize;
+    let id_of = |i: usize| ids.all[index(i)].to_string();
     let mut last = 0;
     for i in 0..rows.len() {
-        if rows.get::<bool>(i, 3) != Some(true) {
+        let position = rows.get::<i64>(i, 2).unwrap_or(0);
+        let same = match &events[index(i)].subject {
+            None => rows.get::<bool>(i, 3) == Some(true),
+            // The original's data column is the redacted shape: compare with what it sealed, and
+            // its key with the subject's (the subject is part of what was appended).
+            Some(subject) => same_sealed(client, stream, &events[index(i)], subject, position),
+        };
+        if !same {
             return Err(LogError::IdReused { id: id_of(i) });
         }
-        last = last.max(rows.get::<i64>(i, 2).unwrap_or(0));
+        last = last.max(position);
     }
     if rows.len() < events.len() {
         return Err(LogError::PartlyAppended { id: id_of(0) });
     }
     Ok(Some(last))
+}
+
+static EVENT_AT: Stmt =
+    Stmt { sql: "SELECT e FROM ep.events e WHERE e.global_position = $1", types: &[pg_sys::INT8OID] };
+
+/// Whether the event at `position` is `ev` sealed under `subject`'s key (see `already_appended`).
+fn same_sealed(client: &pgrx::spi::SpiClient<'_>, stream: &str, ev: &NewEvent, subject: &str, position: i64) -> bool {
+    let cat = catalog::require();
+    let Some(key_id) = crate::seal::key_id_of(client, subject) else { return false };
+    let rows = spi::exec(client, &EVENT_AT, &[spi::int8(position)], Snap::Fresh, 0);
+    match rows.datum(0, 1) {
+        Some(row) => crate::seal::holds(&cat, row, key_id, stream, &ev.event_type, ev.data),
+        None => false,
+    }
 }
 
 fn check_expected(expected: Option<i64>) -> Result<(), ArgError> {
@@ -590,6 +671,12 @@ pub(crate) fn append_as(
 
     let n = events.len() as i64;
     let returning = !projections.is_empty();
+    let sealing = events.iter().any(|e| e.subject.is_some());
+    // The columns are looked up after has_event_ids locked ep.events (EventIds::of): the answer
+    // holds until this transaction ends.
+    if sealing && crate::seal::columns(&cat).is_none() {
+        return Err(LogError::NeedsUpdate { feature: "subjects", version: "0.5.0" });
+    }
     // SAFETY: a plain read of the current memory context.
     let cxt = unsafe { pg_sys::CurrentMemoryContext };
     let written: Result<Written, LogError> = catalog::privileged(&cat, || {
@@ -599,6 +686,14 @@ pub(crate) fn append_as(
             if ids.given {
                 if let Some(p) = already_appended(client, stream, events, &ids)? {
                     return Ok(Written::Before(p));
+                }
+            }
+            // The subjects' keys, locked against ep_forget_subject until this transaction ends
+            // (before the stream lock: forgetting takes no stream lock, so no cycle).
+            let mut keys = Vec::new();
+            if sealing {
+                for e in events {
+                    keys.push(e.subject.as_deref().map(|s| crate::seal::key_for_append(client, s)).transpose()?);
                 }
             }
             // A7: the stream row lock, then the expected version, before any position is taken.
@@ -642,7 +737,36 @@ pub(crate) fn append_as(
             inflight::end_allocation(positions[0]);
             // A9.
             let appending = OwnWrite::start("INSERT");
-            let rows = if events.len() == 1 {
+            let rows = if sealing {
+                let mut stored = Vec::with_capacity(events.len());
+                let mut sealed: Vec<Option<Vec<u8>>> = Vec::with_capacity(events.len());
+                let redacted = crate::seal::redacted();
+                for (i, (e, k)) in events.iter().zip(&keys).enumerate() {
+                    match k {
+                        Some(key) => {
+                            sealed.push(Some(crate::seal::seal(key, &ids.all[i], e.data)?));
+                            stored.push(redacted);
+                        }
+                        None => {
+                            sealed.push(None);
+                            stored.push(e.data);
+                        }
+                    }
+                }
+                let key_ids: Vec<Option<i64>> = keys.iter().map(|k| k.as_ref().map(|k| k.id)).collect();
+                let args = vec![
+                    positions.clone().into_datum(),
+                    spi::text(stream),
+                    spi::int8(before),
+                    types_of(events).into_datum(),
+                    spi::varlena_array(&stored, pg_sys::JSONBOID),
+                    metadata_array(events),
+                    ids.all.clone().into_datum(),
+                    key_ids.into_datum(),
+                    sealed.into_datum(),
+                ];
+                spi::exec(client, &INSERT_SEALED[usize::from(returning)], &args, Snap::Fresh, 0)
+            } else if events.len() == 1 {
                 let e = &events[0];
                 let mut args = vec![
                     spi::int8(positions[0]),
@@ -657,13 +781,12 @@ pub(crate) fn append_as(
                 }
                 spi::exec(client, INSERT_ONE.get(ids.stored, returning), &args, Snap::Fresh, 0)
             } else {
-                let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
                 let data: Vec<pg_sys::Datum> = events.iter().map(|e| e.data).collect();
                 let mut args = vec![
                     positions.clone().into_datum(),
                     spi::text(stream),
                     spi::int8(before),
-                    types.into_datum(),
+                    types_of(events).into_datum(),
                     spi::varlena_array(&data, pg_sys::JSONBOID),
                     metadata_array(events),
                 ];
@@ -682,6 +805,12 @@ pub(crate) fn append_as(
         // Nothing of this call was written, so no handler runs and nobody is told.
         Written::Before(position) => return Ok(position),
     };
+    // Handlers get the clear data of what was just sealed (built here, in the call's context).
+    let rows: Vec<pg_sys::Datum> = rows
+        .into_iter()
+        .zip(events)
+        .map(|(row, e)| if e.subject.is_some() { crate::seal::with_clear_data(&cat, row, e.data) } else { row })
+        .collect();
     let last = positions[positions.len() - 1];
     // The subscriptions of these types hear of it at commit (NOTIFY is transactional).
     crate::subscription::notify(&view.channels, &types, last);
@@ -713,6 +842,10 @@ pub(crate) fn append_as(
         }
     }
     Ok(last)
+}
+
+fn types_of(events: &[NewEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.event_type.as_str()).collect()
 }
 
 fn metadata_array(events: &[NewEvent]) -> Option<pg_sys::Datum> {

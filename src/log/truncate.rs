@@ -26,6 +26,7 @@ pub fn cut(stream: &str, before: i64, policy: &str, set_by: &str) -> Result<i64,
         data: pgrx::JsonB(serde_json::json!({"truncate_before": before})).into_datum().expect("a jsonb datum"),
         metadata: pgrx::JsonB(serde_json::json!({"policy": policy, "set_by": set_by})).into_datum(),
         id: None,
+        subject: None,
     };
     append_as(stream, &[ev], None, Purpose::Truncate { before })
 }

@@ -136,7 +136,10 @@ fn replay_applies(
             f.replay == *r && after < f.until && crate::sandbox::handler::proc_version(*r) == Some(f.version)
         })
     };
-    handler.replay.filter(|r| read_committed && limit > 1 && !skips_inside && !failed_here(r))
+    // A sealed event reads as the redacted shape in ep.events itself, where the replay handler
+    // reads: such a range goes event by event, through `unseal_rows` (seal).
+    let sealed_inside = || crate::seal::sealed_between(&crate::pg::catalog::require(), after, bound);
+    handler.replay.filter(|r| read_committed && limit > 1 && !skips_inside && !failed_here(r) && !sealed_inside())
 }
 
 /// The range `(after, bound]` through the replay handler, in one call. Progress counts the range's
@@ -201,11 +204,13 @@ fn apply(
         if n == 0 {
             return progress(bound, up_to, limit, 0, after);
         }
+        let cat = crate::pg::catalog::require();
         if handler.batch {
             let mut datums = Vec::with_capacity(n);
             for i in 0..n {
                 datums.push(rows.datum(i, 1).expect("event row is never NULL"));
             }
+            crate::seal::unseal_rows(&cat, &mut datums);
             let first: i64 = rows.get(0, 2).unwrap_or(after);
             let last: i64 = rows.get(n - 1, 2).unwrap_or(after);
             let arr = spi::composite_array(&datums, events_type);
@@ -213,8 +218,9 @@ fn apply(
             handler.call(arr, &|| format!("events {first}..{last}"));
             progress(bound, up_to, limit, n, last)
         } else {
-            let events: Vec<pg_sys::Datum> =
+            let mut events: Vec<pg_sys::Datum> =
                 (0..n).map(|i| rows.datum(i, 1).expect("event row is never NULL")).collect();
+            crate::seal::unseal_rows(&cat, &mut events);
             let positions: Vec<i64> = (0..n).map(|i| rows.get(i, 2).unwrap_or(after)).collect();
             let deadline = budget.map(|b| std::time::Instant::now() + b);
             let made = handler.call_until(

@@ -94,17 +94,98 @@ fn check_log_access(cat: &Catalog) -> Result<(), SubscriptionError> {
     }
 }
 
-/// The rows of a read of the log (composite `ep.events` values), copied into the memory context
-/// current at the call.
-fn rows(stmt: &Stmt, args: &[Option<pg_sys::Datum>]) -> Vec<pg_sys::Datum> {
+/// The rows of a read of the log (composite `ep.events` values), unsealed (seal), in the memory
+/// context current at the call.
+fn rows(stmt: &Stmt, args: &[Option<pg_sys::Datum>], snap: Snap) -> Vec<pg_sys::Datum> {
     // SAFETY: a plain read of the current memory context (the set-returning function's).
     let cxt = unsafe { pg_sys::CurrentMemoryContext };
-    catalog::read(|| {
+    let mut rows: Vec<pg_sys::Datum> = catalog::read(|| {
         Spi::connect(|client| {
-            let r = spi::exec(client, stmt, args, Snap::Latest, 0);
+            let r = spi::exec(client, stmt, args, snap, 0);
             (0..r.len()).filter_map(|i| r.datum_in(i, 1, cxt)).collect()
         })
+    });
+    crate::seal::unseal_rows(&catalog::require(), &mut rows);
+    rows
+}
+
+/// A stream's state for a reader: whether it is deleted, and its retention cut.
+static STREAM_STATE: Stmt = Stmt {
+    sql: "SELECT s.deleted IS NOT NULL, s.truncated_before FROM ep.streams s WHERE s.stream_id = $1",
+    types: &[pg_sys::TEXTOID],
+};
+
+static READ_STREAM: Stmt = Stmt {
+    sql: "SELECT e FROM ep.events e WHERE e.stream_id = $1 AND e.stream_position >= $2 \
+          ORDER BY e.stream_position LIMIT $3",
+    types: &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID],
+};
+
+/// `READ_STREAM` of one correlation id.
+static READ_STREAM_CORRELATED: Stmt = Stmt {
+    sql: "SELECT e FROM ep.events e WHERE e.stream_id = $1 AND e.stream_position >= $2 \
+          AND e.metadata ? 'correlation_id' AND (e.metadata ->> 'correlation_id') = $4 \
+          ORDER BY e.stream_position LIMIT $3",
+    types: &[pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::TEXTOID],
+};
+
+/// `ep_read_stream`: the events of one stream from `from` on, in stream order, at most
+/// `max_count`. A deleted stream has none (README, "Deleting streams"); a stream cut by a
+/// retention policy starts at its cut, also while the worker is still removing the events below
+/// it (README, "Retention"). Read with the calling statement's snapshot, as the SQL function of
+/// 0.4.0 read: a stream's order is its writers' order, so no high-water mark bounds this read.
+pub fn read_stream(
+    stream: Option<&str>,
+    from: Option<i64>,
+    max_count: Option<i32>,
+    correlation_id: Option<&str>,
+) -> Result<Vec<pg_sys::Datum>, SubscriptionError> {
+    let stream = required(stream, "stream_id")?;
+    let from = match from {
+        Some(v) if v >= 1 => v,
+        v => {
+            let shown = v.map_or("NULL".to_string(), |v| v.to_string());
+            return Err(ArgError::Invalid {
+                arg: "from_position",
+                problem: format!("{shown} (stream positions start at 1)"),
+            }
+            .into());
+        }
+    };
+    let limit = match max_count {
+        Some(n) if n >= 1 => n as i64,
+        v => {
+            let shown = v.map_or("NULL".to_string(), |v| v.to_string());
+            return Err(ArgError::Invalid { arg: "max_count", problem: format!("{shown} (must be at least 1)") }.into());
+        }
+    };
+    let cat = catalog::require();
+    check_log_access(&cat)?;
+    let state = catalog::read(|| {
+        Spi::connect(|client| {
+            let r = spi::exec(client, &STREAM_STATE, &[spi::text(stream)], Snap::Caller, 0);
+            (r.get::<bool>(0, 1).unwrap_or(false), r.get::<i64>(0, 2))
+        })
+    });
+    let (hidden, cut) = state;
+    if hidden {
+        return Ok(Vec::new());
+    }
+    let args = [spi::text(stream), spi::int8(from.max(cut.unwrap_or(1))), spi::int8(limit)];
+    Ok(match correlation_id {
+        None => rows(&READ_STREAM, &args, Snap::Caller),
+        Some(id) => rows(&READ_STREAM_CORRELATED, &[args[0], args[1], args[2], spi::text(id)], Snap::Caller),
     })
+}
+
+/// `ep_unseal`: one row value, as a read of the log returns it. Only for the roles that may read
+/// the log: the keys open what they could read anyway.
+pub fn unseal(row: pg_sys::Datum) -> Result<pg_sys::Datum, SubscriptionError> {
+    let cat = catalog::require();
+    check_log_access(&cat)?;
+    let mut rows = [row];
+    crate::seal::unseal_rows(&cat, &mut rows);
+    Ok(rows[0])
 }
 
 /// `ep_read_all`: the committed events after `after`, in global order, at most `max_count`, and
@@ -129,8 +210,8 @@ pub fn read_all(
     }
     let bounds = [spi::int8(after), spi::int8(hw), spi::int8(limit)];
     Ok(match correlation_id {
-        None => rows(&READ_ALL, &bounds),
-        Some(id) => rows(&READ_CORRELATED, &[bounds[0], bounds[1], bounds[2], spi::text(id)]),
+        None => rows(&READ_ALL, &bounds, Snap::Latest),
+        Some(id) => rows(&READ_CORRELATED, &[bounds[0], bounds[1], bounds[2], spi::text(id)], Snap::Latest),
     })
 }
 
@@ -433,6 +514,8 @@ pub fn poll(
                     );
                 })
             });
+            let mut events = events;
+            crate::seal::unseal_rows(&cat, &mut events);
             return Ok(events);
         }
         let left = deadline.saturating_duration_since(now).as_millis().clamp(1, 1000) as i64;
