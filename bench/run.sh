@@ -299,16 +299,17 @@ if ! skip ids; then
   q bench_ids -c "CREATE EXTENSION event_projections" >/dev/null
   q bench_v020 -c "CREATE EXTENSION event_projections VERSION '0.2.0'" >/dev/null
   log "event ids: $ROUNDS_AP rounds of ${T_AP} s, 0.2.0 database vs current"
-  ids_cfgs=(v020 gen id id7 corr)
+  ids_cfgs=(v020 gen id id7 corr subj)
   for r in $(seq 1 "$ROUNDS_AP"); do
-    for k in 0 1 2 3 4; do
-      c=${ids_cfgs[$(( (k + r - 1) % 5 ))]}
+    for k in 0 1 2 3 4 5; do
+      c=${ids_cfgs[$(( (k + r - 1) % 6 ))]}
       case $c in
         v020) db=bench_v020 script=ep_append ;;
         gen) db=bench_ids script=ep_append ;;
         id) db=bench_ids script=ep_append_id ;;
         id7) db=bench_ids script=ep_append_id7 ;;
         corr) db=bench_ids script=ep_append_corr ;;
+        subj) db=bench_ids script=ep_append_subj ;;
       esac
       q "$db" -c "CHECKPOINT" >/dev/null
       PGB_DB=$db PGOPTIONS="-c synchronous_commit=off" pgb "ids_${c}_r$r" "$script" "$T_AP"

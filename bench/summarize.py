@@ -96,7 +96,8 @@ def main(outdir):
     for var, label in (("gen", "ep_append, generated event id (UUID v7)"),
                        ("id", "ep_append, caller's event id (random UUID v4)"),
                        ("id7", "ep_append, caller's event id (time-ordered, as UUID v7)"),
-                       ("corr", "ep_append, correlation_id in metadata (partial index)")):
+                       ("corr", "ep_append, correlation_id in metadata (partial index)"),
+                       ("subj", "ep_append with a subject (data sealed, AES-256-GCM)")):
         e = med(g, "ids", var, "tps")
         if e is None or b is None:
             continue
@@ -107,6 +108,16 @@ def main(outdir):
                 f"server CPU/append {ce:.0f} vs {cb:.0f} µs")
         add(f"{label} vs the same append without ids (0.2.0 schema), 8 clients, synchronous_commit=off",
             f"{e:.0f} tps", f"{b:.0f} tps", f"{e / b:.2f}x", "(info)", "(info)", note, key=f"ids/{var}")
+
+    # Erasure: a sealed append against the same append without a subject, same database.
+    e, b2 = med(g, "ids", "subj", "tps"), med(g, "ids", "gen", "tps")
+    if e is not None and b2 is not None:
+        pr = paired(g, "ids", "subj", "gen", "tps")
+        ce, cb = med(g, "ids", "subj", "cpu_us"), med(g, "ids", "gen", "cpu_us")
+        add("ep_append with a subject vs without, 8 clients, synchronous_commit=off",
+            f"{e:.0f} tps", f"{b2:.0f} tps", f"{e / b2:.2f}x", "(info)", "(info)",
+            f"paired ratio {pr[0]:.2f} [{pr[1]:.2f}..{pr[2]:.2f}]; server CPU/append {ce:.0f} vs {cb:.0f} µs",
+            key="ids/subj_vs_gen")
 
     # Rebuilds
     n_events = meta.get("hist_events")
