@@ -121,7 +121,7 @@ load() {
   local n=$1 etype=$2 mirror=$3 from accounts=$(( $1 / 100 > 0 ? $1 / 100 : 1 ))
   from=$(( $(qb -c "SELECT COALESCE(max(global_position), 0) FROM ep.events") + 1 ))
   qb -c "COPY (SELECT * FROM bench.history($from, $n, $accounts, '$etype')) TO STDOUT" |
-    qb -c "COPY ep.events FROM STDIN"
+    qb -c "COPY ep.events (global_position, stream_id, stream_position, event_type, data, metadata, created_at, event_id) FROM STDIN"
   qb -c "SELECT bench.after_load($from, $mirror)" >/dev/null
   qb -c "VACUUM (ANALYZE) ep.events, ep.streams, bl.events, bl.streams" >/dev/null
 }

@@ -98,7 +98,7 @@ END $$;
 -- streams ("acct-<k>"), written through the restore path (COPY ep.events, which the guard lets
 -- through for the table owner) and mirrored into bl.events. Appending them one by one would only
 -- measure the append again. Run as: psql -c "COPY (SELECT * FROM bench.history(...)) TO STDOUT" |
--- psql -c "COPY ep.events FROM STDIN"; then bench.after_load().
+-- psql -c "COPY ep.events (global_position, ..., event_id) FROM STDIN"; then bench.after_load().
 CREATE FUNCTION bench.history(first_position bigint, n bigint, accounts int, etype text)
 RETURNS TABLE (global_position bigint, stream_id text, stream_position bigint, event_type text,
                data jsonb, metadata jsonb, created_at timestamptz, event_id uuid)
